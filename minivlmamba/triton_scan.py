@@ -1,0 +1,370 @@
+"""Fused Triton kernels for the selective scan: forward, backward, and the one-step decode update.
+
+Shape legend: b batch, l sequence length, di inner width, n SSM state size, g groups of B/C
+(channel c reads group c // (di // g)). Inside the kernels: BLOCK_D channels per program, NP = n
+rounded up to a power of two, CHUNK time steps per tile.
+
+What is computed (the same function as `scan.selective_scan_ref`, all math in fp32):
+    delta_t = softplus(delta_t + delta_bias)          (softplus passes values above 20 through)
+    a_t     = exp(delta_t * A)                        (b, di, n, l) decays, each in (0, 1]
+    h_t     = a_t * h_{t-1} + delta_t * B_t * u_t     (b, di, n) state
+    y_t     = C_t . h_t + D * u_t,    out_t = y_t * silu(z_t)
+
+Forward. One program owns BLOCK_D channels of one sequence and walks along l in chunks of CHUNK
+steps. Inside a chunk the recurrence h -> a h + x is a composition of affine maps, which is
+associative, so `tl.associative_scan` computes all CHUNK states of the chunk in parallel (a tile
+(BLOCK_D, NP, CHUNK)) from a zero start; the state h0 carried in from the previous chunk enters as
+h_t = hloc_t + (a_1 ... a_t) h0. Only h0 is written to memory, once per chunk: the backward needs
+these chunk-boundary states and recomputes everything else. No (b, di, n, l) tensor ever exists.
+exp(delta A) is computed as exp2(delta * A log2(e)), the native special-function instruction.
+
+Backward. The same programs walk the chunks in reverse. Each chunk reloads its h0, recomputes
+a_t and h_t, and runs the adjoint recurrence backwards in time:
+    dh_t = C_t dy_t + a_{t+1} dh_{t+1}                (the NEXT step's decay),  dy_t = dout_t silu(z_t)
+again as an associative scan (reversed), with dh of the next chunk's first step carried in.
+With x_t = delta_t B_t u_t and a_t h_{t-1} = h_t - x_t, the chain rule gives
+    dC_t = sum_c dy_t h_t            dB_t = sum_c dh_t delta_t u_t     (sum over the group's channels)
+    du_t = delta_t sum_n dh_t B_t + D dy_t
+    ddelta_t = u_t sum_n dh_t B_t + sum_n dh_t (h_t - x_t) A        (then times sigmoid, for softplus)
+    dA = sum_t dh_t (h_t - x_t) delta_t,   dD = sum_t dy_t u_t,   dz_t = dout_t y_t silu'(z_t)
+dB and dC sum over channels held by many programs: each program adds its (NP, CHUNK) share with
+fp32 atomics. dA, dD and d(delta_bias) are summed over l in registers and over b in PyTorch.
+
+Official implementation: mamba_ssm/csrc/selective_scan (CUDA, the same chunked design with block
+scans) and mamba_ssm/ops/triton/selective_state_update.py (the decode step). We differ in using
+Triton's associative scan per chunk and in saving only the state at chunk starts.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
+
+
+@triton.jit
+def _compose(a_l, x_l, a_r, x_r):
+    """Two affine steps h -> a h + x, first (a_l, x_l) then (a_r, x_r), as one step."""
+    return a_l * a_r, a_r * x_l + x_r
+
+
+@triton.jit
+def _delta(dt, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """delta + delta_bias, softplus (identity above 20); zero where masked so padding is inert."""
+    if HAS_BIAS:
+        dt = dt + bias[:, None]
+    if SOFTPLUS:
+        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+    return tl.where(mask, dt, 0.0)
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, h0_ptr, last_ptr,
+    DI, L, N, GROUP,
+    s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr,
+):
+    pid_d, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,) channels
+    n = tl.arange(0, NP)  # (NP,) state index
+    tc = tl.arange(0, CHUNK)  # (CHUNK,) step within the chunk
+    md, mn = d < DI, n < N
+    grp = pid_d * BLOCK_D // GROUP  # every channel of the block is in one group
+    A2 = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=md[:, None] & mn[None, :], other=0.0) * LOG2E
+    bias = tl.load(bias_ptr + d, mask=md) if HAS_BIAS else None
+    u_row = u_ptr + pid_b * s_ub + d[:, None] * s_ud  # (BLOCK_D, 1) row starts
+    dt_row = dt_ptr + pid_b * s_tb + d[:, None] * s_td
+    B_row = B_ptr + pid_b * s_Bb + grp * s_Bg + n[:, None] * s_Bn  # (NP, 1)
+    C_row = C_ptr + pid_b * s_Cb + grp * s_Cg + n[:, None] * s_Cn
+    n_chunks = tl.cdiv(L, CHUNK)
+    h0_row = h0_ptr + (pid_b * n_chunks * DI + d[:, None]) * N + n[None, :]  # (BLOCK_D, NP)
+
+    h = tl.zeros((BLOCK_D, NP), tl.float32)  # state entering the chunk
+    for c in range(n_chunks):
+        tl.store(h0_row + c * DI * N, h, mask=md[:, None] & mn[None, :])
+        t = c * CHUNK + tc  # (CHUNK,)
+        m = md[:, None] & (t < L)[None, :]  # (BLOCK_D, CHUNK)
+        mbc = mn[:, None] & (t < L)[None, :]  # (NP, CHUNK)
+        u = tl.load(u_row + t[None, :], mask=m, other=0.0).to(tl.float32)  # (BLOCK_D, CHUNK)
+        dt = _delta(tl.load(dt_row + t[None, :], mask=m, other=0.0).to(tl.float32), bias, m, HAS_BIAS, SOFTPLUS)
+        Bt = tl.load(B_row + t[None, :], mask=mbc, other=0.0).to(tl.float32)  # (NP, CHUNK)
+        Ct = tl.load(C_row + t[None, :], mask=mbc, other=0.0).to(tl.float32)
+
+        a = tl.exp2(dt[:, None, :] * A2[:, :, None])  # (BLOCK_D, NP, CHUNK)
+        x = (dt * u)[:, None, :] * Bt[None, :, :]  # (BLOCK_D, NP, CHUNK)
+        a_cum, h_loc = tl.associative_scan((a, x), axis=2, combine_fn=_compose)
+        hc = h_loc + a_cum * h[:, :, None]  # (BLOCK_D, NP, CHUNK) the chunk's states
+        y = tl.sum(hc * Ct[None, :, :], axis=1)  # (BLOCK_D, CHUNK)
+        h = tl.sum(tl.where(tc[None, None, :] == CHUNK - 1, hc, 0.0), axis=2)  # (BLOCK_D, NP)
+
+        if HAS_D:
+            y += tl.load(D_ptr + d, mask=md)[:, None] * u
+        if HAS_Z:
+            z = tl.load(z_ptr + pid_b * s_zb + d[:, None] * s_zd + t[None, :], mask=m, other=0.0).to(tl.float32)
+            y *= z * tl.sigmoid(z)
+        tl.store(out_ptr + (pid_b * DI + d[:, None]) * L + t[None, :], y, mask=m)
+    tl.store(last_ptr + (pid_b * DI + d[:, None]) * N + n[None, :], h, mask=md[:, None] & mn[None, :])
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, h0_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
+    DI, L, N, GROUP, G,
+    s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_ob, s_od,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr,
+):
+    pid_d, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    n = tl.arange(0, NP)  # (NP,)
+    tc = tl.arange(0, CHUNK)  # (CHUNK,)
+    md, mn = d < DI, n < N
+    mdn = md[:, None] & mn[None, :]  # (BLOCK_D, NP)
+    grp = pid_d * BLOCK_D // GROUP
+    A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mdn, other=0.0)  # (BLOCK_D, NP)
+    A2 = A * LOG2E
+    bias = tl.load(bias_ptr + d, mask=md) if HAS_BIAS else None
+    Dv = tl.load(D_ptr + d, mask=md) if HAS_D else None
+    u_row = u_ptr + pid_b * s_ub + d[:, None] * s_ud  # (BLOCK_D, 1)
+    dt_row = dt_ptr + pid_b * s_tb + d[:, None] * s_td
+    do_row = dout_ptr + pid_b * s_ob + d[:, None] * s_od
+    g_row = (pid_b * DI + d[:, None]) * L  # (BLOCK_D, 1) rows of du, ddelta, dz
+    B_row = B_ptr + pid_b * s_Bb + grp * s_Bg + n[:, None] * s_Bn  # (NP, 1)
+    C_row = C_ptr + pid_b * s_Cb + grp * s_Cg + n[:, None] * s_Cn
+    dBC_row = ((pid_b * G + grp) * N + n[:, None]) * L  # (NP, 1) rows of the fp32 dB, dC
+    n_chunks = tl.cdiv(L, CHUNK)
+    h0_row = h0_ptr + (pid_b * n_chunks * DI + d[:, None]) * N + n[None, :]  # (BLOCK_D, NP)
+
+    dh_next = tl.zeros((BLOCK_D, NP), tl.float32)  # dh at the first step of the next chunk
+    dA = tl.zeros((BLOCK_D, NP), tl.float32)
+    dD = tl.zeros((BLOCK_D,), tl.float32)
+    dbias = tl.zeros((BLOCK_D,), tl.float32)
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        t = c * CHUNK + tc  # (CHUNK,)
+        m = md[:, None] & (t < L)[None, :]  # (BLOCK_D, CHUNK)
+        m1 = md[:, None] & (t + 1 < L)[None, :]  # the next step exists
+        mbc = mn[:, None] & (t < L)[None, :]  # (NP, CHUNK)
+        u = tl.load(u_row + t[None, :], mask=m, other=0.0).to(tl.float32)  # (BLOCK_D, CHUNK)
+        dt_raw = tl.load(dt_row + t[None, :], mask=m, other=0.0).to(tl.float32)
+        dt = _delta(dt_raw, bias, m, HAS_BIAS, SOFTPLUS)
+        dt1 = _delta(tl.load(dt_row + t[None, :] + 1, mask=m1, other=0.0).to(tl.float32), bias, m1, HAS_BIAS, SOFTPLUS)
+        dout = tl.load(do_row + t[None, :], mask=m, other=0.0).to(tl.float32)
+        Bt = tl.load(B_row + t[None, :], mask=mbc, other=0.0).to(tl.float32)  # (NP, CHUNK)
+        Ct = tl.load(C_row + t[None, :], mask=mbc, other=0.0).to(tl.float32)
+
+        # recompute the chunk's states from the saved h0
+        h0 = tl.load(h0_row + c * DI * N, mask=mdn, other=0.0)  # (BLOCK_D, NP)
+        a = tl.exp2(dt[:, None, :] * A2[:, :, None])  # (BLOCK_D, NP, CHUNK)
+        x = (dt * u)[:, None, :] * Bt[None, :, :]  # (BLOCK_D, NP, CHUNK)
+        a_cum, h_loc = tl.associative_scan((a, x), axis=2, combine_fn=_compose)
+        h = h_loc + a_cum * h0[:, :, None]  # (BLOCK_D, NP, CHUNK)
+        y = tl.sum(h * Ct[None, :, :], axis=1)  # (BLOCK_D, CHUNK) before D and the gate
+        if HAS_D:
+            y += Dv[:, None] * u
+        dy = dout
+        if HAS_Z:
+            z = tl.load(z_ptr + pid_b * s_zb + d[:, None] * s_zd + t[None, :], mask=m, other=0.0).to(tl.float32)
+            sz = tl.sigmoid(z)
+            tl.store(dz_ptr + g_row + t[None, :], dout * y * sz * (1.0 + z * (1.0 - sz)), mask=m)
+            dy = dout * z * sz
+
+        # the adjoint recurrence, backwards in time, with the next step's decay
+        a1 = tl.exp2(dt1[:, None, :] * A2[:, :, None])  # (BLOCK_D, NP, CHUNK) a_{t+1}
+        a1_cum, dh_loc = tl.associative_scan((a1, Ct[None, :, :] * dy[:, None, :]), axis=2,
+                                             combine_fn=_compose, reverse=True)
+        dh = dh_loc + a1_cum * dh_next[:, :, None]  # (BLOCK_D, NP, CHUNK)
+        dh_next = tl.sum(tl.where(tc[None, None, :] == 0, dh, 0.0), axis=2)  # (BLOCK_D, NP)
+
+        w = dh * (h - x)  # (BLOCK_D, NP, CHUNK) dh_t a_t h_{t-1}
+        dhB = tl.sum(dh * Bt[None, :, :], axis=1)  # (BLOCK_D, CHUNK)
+        ddt = u * dhB + tl.sum(w * A[:, :, None], axis=1)  # (BLOCK_D, CHUNK)
+        dA += tl.sum(w * dt[:, None, :], axis=2)  # (BLOCK_D, NP)
+        du = dt * dhB
+        if HAS_D:
+            du += Dv[:, None] * dy
+            dD += tl.sum(dy * u, axis=1)
+        if SOFTPLUS:
+            if HAS_BIAS:
+                dt_raw += bias[:, None]
+            ddt *= tl.sigmoid(dt_raw)  # softplus' (1 above 20, where sigmoid rounds to 1)
+        if HAS_BIAS:
+            dbias += tl.sum(tl.where(m, ddt, 0.0), axis=1)
+        tl.store(du_ptr + g_row + t[None, :], du, mask=m)
+        tl.store(ddt_ptr + g_row + t[None, :], ddt, mask=m)
+        tl.atomic_add(dB_ptr + dBC_row + t[None, :], tl.sum(dh * (dt * u)[:, None, :], axis=0), mask=mbc)
+        tl.atomic_add(dC_ptr + dBC_row + t[None, :], tl.sum(h * dy[:, None, :], axis=0), mask=mbc)
+
+    tl.store(dA_ptr + (pid_b * DI + d[:, None]) * N + n[None, :], dA, mask=mdn)
+    if HAS_D:
+        tl.store(dD_ptr + pid_b * DI + d, dD, mask=md)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + pid_b * DI + d, dbias, mask=md)
+
+
+def _last_dim_contiguous(x):
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
+def _grouped(BC):
+    return BC.unsqueeze(1) if BC.dim() == 3 else BC  # (b, g, n, l)
+
+
+def _block_d(group, block_d):
+    """Largest power of two <= block_d dividing the group width, so a block reads one group."""
+    while group % block_d:
+        block_d //= 2
+    return block_d
+
+
+def _strides(x, dims):
+    return [x.stride(i) for i in dims] if x is not None else [0] * len(dims)
+
+
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, block_d, num_warps):
+    b, di, l = u.shape
+    g, n = B.shape[1], A.shape[1]
+    block_d = _block_d(di // g, block_d)
+    out = torch.empty(b, di, l, device=u.device, dtype=u.dtype)
+    h0 = torch.empty(b, triton.cdiv(l, chunk), di, n, device=u.device, dtype=torch.float32)
+    last = torch.empty(b, di, n, device=u.device, dtype=torch.float32)
+    _scan_fwd_kernel[(triton.cdiv(di, block_d), b)](
+        u, delta, A, B, C, D, z, delta_bias, out, h0, last,
+        di, l, n, di // g,
+        *_strides(u, (0, 1)), *_strides(delta, (0, 1)), *_strides(z, (0, 1)),
+        *_strides(B, (0, 1, 2)), *_strides(C, (0, 1, 2)),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        BLOCK_D=block_d, NP=triton.next_power_of_2(n), CHUNK=chunk, num_warps=num_warps,
+    )
+    return out, last, h0
+
+
+def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk, block_d, num_warps):
+    b, di, l = u.shape
+    g, n = B.shape[1], A.shape[1]
+    block_d = _block_d(di // g, block_d)
+    du = torch.empty(b, di, l, device=u.device, dtype=u.dtype)
+    ddelta = torch.empty(b, di, l, device=u.device, dtype=delta.dtype)
+    dz = torch.empty(b, di, l, device=u.device, dtype=z.dtype) if z is not None else None
+    dB = torch.zeros(b, g, n, l, device=u.device, dtype=torch.float32)
+    dC = torch.zeros(b, g, n, l, device=u.device, dtype=torch.float32)
+    dA = torch.empty(b, di, n, device=u.device, dtype=torch.float32)  # per-sequence partial sums
+    dD = torch.empty(b, di, device=u.device, dtype=torch.float32) if D is not None else None
+    dbias = torch.empty(b, di, device=u.device, dtype=torch.float32) if delta_bias is not None else None
+    _scan_bwd_kernel[(triton.cdiv(di, block_d), b)](
+        u, delta, A, B, C, D, z, delta_bias, dout, h0,
+        du, ddelta, dz, dB, dC, dA, dD, dbias,
+        di, l, n, di // g, g,
+        *_strides(u, (0, 1)), *_strides(delta, (0, 1)), *_strides(z, (0, 1)),
+        *_strides(B, (0, 1, 2)), *_strides(C, (0, 1, 2)), *_strides(dout, (0, 1)),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        BLOCK_D=block_d, NP=triton.next_power_of_2(n), CHUNK=chunk, num_warps=num_warps,
+    )
+    return (du, ddelta, dA.sum(0), dB.to(B.dtype), dC.to(C.dtype),
+            dD.sum(0) if D is not None else None, dz, dbias.sum(0) if delta_bias is not None else None)
+
+
+class SelectiveScanFn(torch.autograd.Function):
+    """Autograd wrapper: the forward saves only the chunk-start states, the backward recomputes."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, config):
+        squeeze_bc = (B.dim() == 3, C.dim() == 3)
+        u, delta, z = (_last_dim_contiguous(x) for x in (u, delta, z))
+        B, C = _last_dim_contiguous(_grouped(B)), _last_dim_contiguous(_grouped(C))
+        A = A.float().contiguous()
+        D = D.float().contiguous() if D is not None else None
+        delta_bias = delta_bias.float().contiguous() if delta_bias is not None else None
+        out, last, h0 = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *config["fwd"])
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0)
+        ctx.delta_softplus, ctx.config, ctx.squeeze_bc = delta_softplus, config, squeeze_bc
+        ctx.mark_non_differentiable(last)
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, h0 = ctx.saved_tensors
+        chunk = ctx.config["fwd"][0]
+        du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd(
+            _last_dim_contiguous(dout), u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, h0,
+            chunk, *ctx.config["bwd"])
+        dB = dB.squeeze(1) if ctx.squeeze_bc[0] else dB
+        dC = dC.squeeze(1) if ctx.squeeze_bc[1] else dC
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False, chunk=64, block_d=4, num_warps=4,
+                          bwd_block_d=4, bwd_num_warps=4):
+    """The selective scan on fused Triton kernels (same arguments and results as selective_scan_ref).
+
+    Args: u, delta, z (b, di, l); A (di, n) fp32; B, C (b, n, l) or (b, g, n, l); D, delta_bias (di,).
+    chunk is the number of steps per tile and between saved states (a power of two); block_d the
+    channels per program; num_warps the warps per program (forward, and bwd_* for the backward).
+    Returns: out (b, di, l) in u's dtype, and last_state (b, di, n) fp32 if return_last_state.
+    """
+    config = {"fwd": (chunk, block_d, num_warps), "bwd": (bwd_block_d, bwd_num_warps)}
+    out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, config)
+    return (out, last) if return_last_state else out
+
+
+@triton.jit
+def _state_update_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
+    DI, N, GROUP,
+    s_hb, s_hd, s_hn, s_xb, s_xd, s_tb, s_td, s_zb, s_zd, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, NP: tl.constexpr,
+):
+    pid_d, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    n = tl.arange(0, NP)  # (NP,)
+    md = d < DI
+    mdn = md[:, None] & (n < N)[None, :]  # (BLOCK_D, NP)
+    grp = d // GROUP  # (BLOCK_D,) each channel's group of B and C
+    h_ptrs = state_ptr + pid_b * s_hb + d[:, None] * s_hd + n[None, :] * s_hn
+    h = tl.load(h_ptrs, mask=mdn, other=0.0)  # (BLOCK_D, NP) fp32
+    x = tl.load(x_ptr + pid_b * s_xb + d * s_xd, mask=md, other=0.0).to(tl.float32)  # (BLOCK_D,)
+    bias = tl.load(bias_ptr + d, mask=md) if HAS_BIAS else None
+    dt_raw = tl.load(dt_ptr + pid_b * s_tb + d * s_td, mask=md, other=0.0).to(tl.float32)
+    dt = _delta(dt_raw[:, None], bias, md[:, None], HAS_BIAS, SOFTPLUS)  # (BLOCK_D, 1)
+    A2 = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mdn, other=0.0) * LOG2E
+    Bv = tl.load(B_ptr + pid_b * s_Bb + grp[:, None] * s_Bg + n[None, :] * s_Bn, mask=mdn, other=0.0)
+    Cv = tl.load(C_ptr + pid_b * s_Cb + grp[:, None] * s_Cg + n[None, :] * s_Cn, mask=mdn, other=0.0)
+    h = tl.exp2(dt * A2) * h + (dt * x[:, None]) * Bv.to(tl.float32)  # (BLOCK_D, NP)
+    tl.store(h_ptrs, h, mask=mdn)
+    y = tl.sum(h * Cv.to(tl.float32), axis=1)  # (BLOCK_D,)
+    if HAS_D:
+        y += tl.load(D_ptr + d, mask=md) * x
+    if HAS_Z:
+        z = tl.load(z_ptr + pid_b * s_zb + d * s_zd, mask=md, other=0.0).to(tl.float32)
+        y *= z * tl.sigmoid(z)
+    tl.store(out_ptr + pid_b * DI + d, y, mask=md)
+
+
+def selective_state_update_triton(ssm_state, x, delta, A, B, C, D=None, z=None, delta_bias=None,
+                                  delta_softplus=False):
+    """One decode step; updates ssm_state in place (no autotuning: a re-run would step twice).
+
+    Args: ssm_state (b, di, n) fp32; x, delta, z (b, di); A (di, n); B, C (b, n) or (b, g, n);
+    D, delta_bias (di,). Returns: y (b, di) in x's dtype. Launches one kernel and never syncs
+    with the host, so it can be captured in a CUDA graph.
+    """
+    b, di = x.shape
+    n = A.shape[1]
+    B = B.unsqueeze(1) if B.dim() == 2 else B  # (b, g, n)
+    C = C.unsqueeze(1) if C.dim() == 2 else C
+    A = A.float().contiguous()
+    out = torch.empty(b, di, device=x.device, dtype=x.dtype)
+    block_d = 32 if n <= 16 else 16 if n <= 32 else 8
+    _state_update_kernel[(triton.cdiv(di, block_d), b)](
+        ssm_state, x, delta, A, B, C, D, z, delta_bias, out,
+        di, n, di // B.shape[1],
+        *ssm_state.stride(), *x.stride(), *delta.stride(), *_strides(z, (0, 1)), *B.stride(), *C.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        BLOCK_D=block_d, NP=triton.next_power_of_2(n), num_warps=4,
+    )
+    return out

@@ -1,0 +1,123 @@
+"""The fused Triton scan == the reference scan: values, last state and the gradient of every input.
+
+On a machine without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1) on the CPU;
+with CUDA they are compiled and run on the GPU. Small chunks make short sequences span several
+chunks, so the carries between chunks (forward state, backward adjoint) are exercised.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+
+import pytest
+
+from minivlmamba.scan import selective_scan_ref, selective_state_update_ref
+from minivlmamba.triton_scan import selective_scan_triton, selective_state_update_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: (6e-4, 2e-3), torch.bfloat16: (3e-2, 5e-2)}  # (rtol, atol), as upstream
+
+
+def make_inputs(b, di, l, n, g, dtype, has_z, has_bias, seed):
+    """Leaf tensors, drawn as upstream's test does (A < 0, small positive delta)."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.rand(*s, generator=gen)  # noqa: E731
+    randn = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    leaves = {
+        "u": randn(b, l, di).to(dtype),  # stored (b, l, di): the kernel sees a transposed view
+        "delta": (0.5 * rand(b, 2 * di, l)).to(dtype),  # every other channel block: strided rows
+        "A": -0.5 * rand(di, n),
+        "B": randn(b, g, l, n).to(dtype),  # transposed to (b, g, n, l)
+        "C": randn(b, g, n, l).to(dtype),
+        "D": randn(di),
+    }
+    if has_z:
+        leaves["z"] = randn(b, di, l).to(dtype)
+    if has_bias:
+        leaves["delta_bias"] = 0.5 * rand(di)
+    return {k: v.to(DEVICE).requires_grad_() for k, v in leaves.items()}
+
+
+def scan_args(leaves, g):
+    di = leaves["A"].shape[0]
+    B = leaves["B"].transpose(-1, -2)  # (b, g, n, l), non-contiguous
+    C = leaves["C"]
+    return dict(u=leaves["u"].transpose(1, 2), delta=leaves["delta"][:, :di], A=leaves["A"],
+                B=B[:, 0] if g == 1 else B, C=C[:, 0] if g == 1 else C, D=leaves["D"],
+                z=leaves.get("z"), delta_bias=leaves.get("delta_bias"))
+
+
+CASES = [  # (b, di, l, n, g, has_z, has_bias, chunk)
+    (2, 4, 1, 4, 1, True, True, 16),  # a single step
+    (2, 6, 37, 8, 2, False, True, 16),  # odd l, groups of 3 channels
+    (1, 8, 100, 16, 4, True, False, 16),  # 7 chunks, 4 groups
+    (2, 8, 45, 5, 1, True, True, 8),  # n not a power of two
+    (1, 16, 130, 16, 2, True, True, 32),  # the VSS layout: 2 directions, no partial blocks
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_scan_matches_reference(case, dtype):
+    b, di, l, n, g, has_z, has_bias, chunk = case
+    rtol, atol = TOL[dtype]
+    leaves = make_inputs(b, di, l, n, g, dtype, has_z, has_bias, seed=hash(case) % 1000)
+    twin = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
+    out, last = selective_scan_triton(**scan_args(leaves, g), delta_softplus=has_bias, return_last_state=True,
+                                      chunk=chunk, block_d=4, bwd_block_d=4)
+    out_ref, last_ref = selective_scan_ref(**scan_args(twin, g), delta_softplus=has_bias, return_last_state=True)
+    assert out.dtype == dtype and out.shape == (b, di, l) and last.dtype == torch.float32
+    torch.testing.assert_close(out.float(), out_ref.float(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(last, last_ref, rtol=rtol, atol=atol)
+
+    dout = torch.randn(b, di, l, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    out.backward(dout)
+    out_ref.backward(dout)
+    scale = {"u": (2, 2), "delta": (5, 10), "A": (1, 5)}  # looser for du, ddelta, dA, as upstream
+    for name, leaf in leaves.items():
+        rs, as_ = scale.get(name, (1, 1))
+        ref = twin[name].grad.float()
+        torch.testing.assert_close(leaf.grad.float(), ref, rtol=rtol * rs, atol=atol * as_,
+                                   msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("g", [1, 2])
+def test_state_update_matches_reference(g, dtype):
+    b, di, n = 3, 10, 16
+    rtol, atol = TOL[dtype]
+    gen = torch.Generator().manual_seed(g)
+    state = torch.randn(b, di, n, generator=gen).to(DEVICE)
+    xz = torch.randn(b, 2 * di, generator=gen).to(DEVICE, dtype)
+    x, z = xz[:, :di], xz[:, di:]  # strided views, as after in_proj
+    delta = torch.randn(b, di, generator=gen).to(DEVICE, dtype)
+    A = -torch.rand(di, n, generator=gen).to(DEVICE)
+    B = torch.randn(b, g, n, generator=gen).to(DEVICE, dtype)
+    C = torch.randn(b, g, n, generator=gen).to(DEVICE, dtype)
+    D, bias = torch.randn(di, generator=gen).to(DEVICE), torch.rand(di, generator=gen).to(DEVICE)
+    if g == 1:
+        B, C = B[:, 0], C[:, 0]
+    state_ref = state.clone()
+    y = selective_state_update_triton(state, x, delta, A, B, C, D, z, bias, delta_softplus=True)
+    y_ref = selective_state_update_ref(state_ref, x, delta, A, B, C, D, z, bias, delta_softplus=True)
+    assert y.dtype == dtype and y.shape == (b, di)
+    torch.testing.assert_close(state, state_ref, rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=rtol, atol=atol)
+
+
+def test_decode_continues_the_scan():
+    """Prefill with the scan's last state, then one decode step == the scan over one more step."""
+    b, di, l, n = 2, 8, 19, 16
+    gen = torch.Generator().manual_seed(0)
+    u, delta, z = (torch.randn(b, di, l + 1, generator=gen).to(DEVICE) for _ in range(3))
+    A = -torch.rand(di, n, generator=gen).to(DEVICE)
+    B, C = (torch.randn(b, n, l + 1, generator=gen).to(DEVICE) for _ in range(2))
+    D, bias = torch.randn(di, generator=gen).to(DEVICE), torch.rand(di, generator=gen).to(DEVICE)
+    full = selective_scan_triton(u, delta, A, B, C, D, z, bias, True, chunk=8)
+    _, state = selective_scan_triton(u[..., :l], delta[..., :l], A, B[..., :l], C[..., :l], D, z[..., :l], bias,
+                                     True, return_last_state=True, chunk=8)
+    y = selective_state_update_triton(state, u[..., l], delta[..., l], A, B[..., l], C[..., l], D, z[..., l], bias, True)
+    torch.testing.assert_close(y, full[..., l], rtol=6e-4, atol=2e-3)
