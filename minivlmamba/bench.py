@@ -113,8 +113,8 @@ def sweep(bw):
     leaves = [inputs[k].requires_grad_() for k in ("u", "delta", "B", "C", "z")]
     print(f"sweep, LM shape l=2048 (copy bandwidth {bw / 1e12:.2f} TB/s): chunk block_d warps | "
           f"bwd block_d warps | fwd ms, bwd ms")
-    for chunk, block_d, warps, bwd_block_d, bwd_warps in [(16, 8, 1, 8, 1), (16, 8, 1, 4, 1), (8, 8, 1, 8, 1),
-                                                          (16, 16, 2, 8, 1), (16, 8, 1, 16, 2), (32, 4, 1, 4, 1)]:
+    for chunk, block_d, warps, bwd_block_d, bwd_warps in [(8, 8, 1, 8, 1), (8, 4, 1, 4, 1), (16, 8, 1, 8, 1),
+                                                          (16, 8, 1, 4, 1), (8, 16, 2, 8, 1)]:
         kw = dict(chunk=chunk, block_d=block_d, num_warps=warps, bwd_block_d=bwd_block_d, bwd_num_warps=bwd_warps)
         out = selective_scan_triton(**inputs, **kw)
         dout = torch.randn_like(out)

@@ -59,6 +59,12 @@ def _delta(dt, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(col, t, mask, L):
+    """The (CHUNK, X) tile at steps t of X rows starting at col (1, X); steps outside [0, L) read 0."""
+    return tl.load(col + t[:, None], mask=((t >= 0) & (t < L))[:, None] & mask[None, :], other=0.0)
+
+
+@triton.jit
 def _pick(x, tc, t: tl.constexpr):
     """x[t] along the chunk axis. Step t sits in registers of the same thread, so the compiler keeps
     one register: adding -0.0 (not +0.0) is an exact identity it may drop."""
@@ -90,15 +96,17 @@ def _scan_fwd_kernel(
     h0_ptrs = h0_ptr + (pid_b * n_chunks * DI + d[None, :]) * N + n[:, None]  # (NP, BLOCK_D)
 
     h = tl.zeros((NP, BLOCK_D), tl.float32)  # state entering the chunk
+    u_nxt, dt_nxt = _load_tile(u_col, tc, md, L), _load_tile(dt_col, tc, md, L)  # (CHUNK, BLOCK_D)
+    B_nxt, C_nxt = _load_tile(B_col, tc, mn, L), _load_tile(C_col, tc, mn, L)  # (CHUNK, NP)
     for c in range(n_chunks):
         tl.store(h0_ptrs + c * DI * N, h, mask=mnd)
         t = c * CHUNK + tc  # (CHUNK,)
         m = (t < L)[:, None] & md[None, :]  # (CHUNK, BLOCK_D)
-        mbc = (t < L)[:, None] & mn[None, :]  # (CHUNK, NP)
-        u = tl.load(u_col + t[:, None], mask=m, other=0.0).to(tl.float32)  # (CHUNK, BLOCK_D)
-        dt = _delta(tl.load(dt_col + t[:, None], mask=m, other=0.0).to(tl.float32), bias, m, HAS_BIAS, SOFTPLUS)
-        Bt = tl.load(B_col + t[:, None], mask=mbc, other=0.0).to(tl.float32)  # (CHUNK, NP)
-        Ct = tl.load(C_col + t[:, None], mask=mbc, other=0.0).to(tl.float32)
+        u, Bt, Ct = u_nxt.to(tl.float32), B_nxt.to(tl.float32), C_nxt.to(tl.float32)
+        dt = _delta(dt_nxt.to(tl.float32), bias, m, HAS_BIAS, SOFTPLUS)
+        # issue the next chunk's loads now, so that they arrive while this chunk computes
+        u_nxt, dt_nxt = _load_tile(u_col, t + CHUNK, md, L), _load_tile(dt_col, t + CHUNK, md, L)
+        B_nxt, C_nxt = _load_tile(B_col, t + CHUNK, mn, L), _load_tile(C_col, t + CHUNK, mn, L)
 
         a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (CHUNK, NP, BLOCK_D)
         x = Bt[:, :, None] * (dt * u)[:, None, :]  # (CHUNK, NP, BLOCK_D)
@@ -150,19 +158,23 @@ def _scan_bwd_kernel(
     dA = tl.zeros((NP, BLOCK_D), tl.float32)
     dD = tl.zeros((BLOCK_D,), tl.float32)
     dbias = tl.zeros((BLOCK_D,), tl.float32)
+    t = (n_chunks - 1) * CHUNK + tc
+    u_nxt, dt_nxt, do_nxt = _load_tile(u_col, t, md, L), _load_tile(dt_col, t, md, L), _load_tile(do_col, t, md, L)
+    B_nxt, C_nxt = _load_tile(B_col, t, mn, L), _load_tile(C_col, t, mn, L)  # (CHUNK, NP)
     for i in range(n_chunks):
         c = n_chunks - 1 - i
         t = c * CHUNK + tc  # (CHUNK,)
         m = (t < L)[:, None] & md[None, :]  # (CHUNK, BLOCK_D)
-        m1 = (t + 1 < L)[:, None] & md[None, :]  # the next step exists
         mbc = (t < L)[:, None] & mn[None, :]  # (CHUNK, NP)
-        u = tl.load(u_col + t[:, None], mask=m, other=0.0).to(tl.float32)  # (CHUNK, BLOCK_D)
-        dt_raw = tl.load(dt_col + t[:, None], mask=m, other=0.0).to(tl.float32)
+        u, dt_raw, dout = u_nxt.to(tl.float32), dt_nxt.to(tl.float32), do_nxt.to(tl.float32)
+        Bt, Ct = B_nxt.to(tl.float32), C_nxt.to(tl.float32)
         dt = _delta(dt_raw, bias, m, HAS_BIAS, SOFTPLUS)
-        dt1 = _delta(tl.load(dt_col + t[:, None] + 1, mask=m1, other=0.0).to(tl.float32), bias, m1, HAS_BIAS, SOFTPLUS)
-        dout = tl.load(do_col + t[:, None], mask=m, other=0.0).to(tl.float32)
-        Bt = tl.load(B_col + t[:, None], mask=mbc, other=0.0).to(tl.float32)  # (CHUNK, NP)
-        Ct = tl.load(C_col + t[:, None], mask=mbc, other=0.0).to(tl.float32)
+        dt1 = _delta(_load_tile(dt_col, t + 1, md, L).to(tl.float32), bias, ((t + 1) < L)[:, None] & md[None, :],
+                     HAS_BIAS, SOFTPLUS)  # delta_{t+1}, for the next step's decay
+        # issue the loads of the chunk before, so that they arrive while this chunk computes
+        u_nxt, dt_nxt = _load_tile(u_col, t - CHUNK, md, L), _load_tile(dt_col, t - CHUNK, md, L)
+        do_nxt = _load_tile(do_col, t - CHUNK, md, L)
+        B_nxt, C_nxt = _load_tile(B_col, t - CHUNK, mn, L), _load_tile(C_col, t - CHUNK, mn, L)
 
         # recompute the chunk's states from the saved h0
         h0 = tl.load(h0_ptrs + c * DI * N, mask=mnd, other=0.0)  # (NP, BLOCK_D)

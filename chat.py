@@ -1,0 +1,199 @@
+"""Talk to a trained VL-Mamba about an image.
+
+    python chat.py --demo                                  # a fresh shapes scene, interactive
+    python chat.py --image photo.png -p "What is this?"    # one question, print the answer, exit
+    python chat.py --questions q.jsonl --answers a.jsonl --image-folder images/   # benchmark answers
+
+Interactive commands: /image PATH switches the image, /clear starts a new conversation, quit (or
+Ctrl-D / Ctrl-C) exits. The model reads the image and each question once; its recurrent state
+carries the conversation, so every new token costs the same however long the chat gets.
+"""
+
+import argparse
+import json
+import random
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from minivlmamba import UserError
+from minivlmamba.checkpoint import load_model
+from minivlmamba.data import load_image
+from minivlmamba.shapes import make_scene, render
+from minivlmamba.templates import prompt_text
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+parser.add_argument("--ckpt", default="out/tiny", help="checkpoint folder written by train.py")
+parser.add_argument("--image", help="image file to talk about")
+parser.add_argument("--demo", action="store_true", help="generate a shapes scene (saved to --demo-file)")
+parser.add_argument("--demo-file", default="demo.png", help="where --demo saves its scene")
+parser.add_argument("-p", "--prompt", help="ask one question, print the answer and exit")
+parser.add_argument("--questions", help="question file (JSONL: question_id, image, text) to answer in batch")
+parser.add_argument("--answers", help="answers file (JSONL) to write; an interrupted one is resumed")
+parser.add_argument("--image-folder", default=".", help="folder the question file's images are relative to")
+parser.add_argument("--max-new-tokens", type=int, default=128)
+parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+parser.add_argument("--top-k", type=int, default=0)
+parser.add_argument("--top-p", type=float, default=1.0)
+parser.add_argument("--seed", type=int, default=None, help="seed for --demo and sampling")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+args = parser.parse_args()
+
+
+class Conversation:
+    """One image and the recurrent state of everything said about it so far."""
+
+    def __init__(self, model, tokenizer, image):
+        self.model, self.tokenizer, self.cache = model, tokenizer, None
+        self.pixel_values = model.vision.preprocess([image]).to(args.device)
+
+    def prompt_ids(self, question):
+        cfg = self.model.cfg
+        ids = self.tokenizer.encode(prompt_text(question, cfg.template, first_turn=self.cache is None)).ids
+        budget = cfg.max_len - cfg.vision.num_patches
+        if len(ids) > budget:
+            print(f"warning: prompt of {len(ids)} tokens truncated to the model's budget of {budget}", file=sys.stderr)
+            ids = ids[-budget:]
+        return torch.tensor([ids], device=args.device)
+
+    def ask(self, question):
+        """Yield the answer as text pieces while it is generated."""
+        ids = self.prompt_ids(question)
+        if self.cache is None:
+            self.cache = self.model.lm.allocate_cache(1)
+            logits = self.model.prefill(self.pixel_values, ids, self.cache)
+        else:
+            logits = self.model.extend(ids, self.cache)
+        tokens, shown = [], ""
+        for token in self.model.generate(logits, self.cache, args.max_new_tokens, args.temperature, args.top_k, args.top_p):
+            tokens.append(token.item())
+            text = self.tokenizer.decode(tokens)  # the end-of-text token is special: decode skips it
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                yield text[len(shown):]
+                shown = text
+
+
+def demo_image():
+    rng = random.Random(args.seed)
+    image = render(make_scene(rng, held_out=True), rng)
+    image.save(args.demo_file)
+    print(f"demo scene saved to {args.demo_file}", file=sys.stderr)
+    return image
+
+
+def interactive(model, tokenizer, image):
+    chat = Conversation(model, tokenizer, image)
+    print("ask about the image; /image PATH switches it, /clear forgets the conversation, quit exits")
+    while True:
+        try:
+            line = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line in ("quit", "exit", "/quit"):
+            return
+        if line.startswith("/image"):
+            try:
+                chat = Conversation(model, tokenizer, load_image(line[len("/image"):].strip()))
+            except UserError as e:
+                print(f"error: {e}")
+        elif line == "/clear":
+            chat = Conversation(model, tokenizer, image)
+        elif line:
+            try:
+                for piece in chat.ask(line):
+                    print(piece, end="", flush=True)
+            except KeyboardInterrupt:
+                chat = Conversation(model, tokenizer, image)  # the state holds a half answer: start over
+            print()
+
+
+def read_questions(path):
+    """A JSONL question file -> list of dicts; any malformed line is an error naming it."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the question file ({e.strerror})") from None
+    questions = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            q = json.loads(line)
+            if not isinstance(q, dict) or not isinstance(q.get("text"), str) or "question_id" not in q:
+                raise ValueError("needs question_id and text")
+        except ValueError as e:
+            raise UserError(f"{path}:{number}: malformed question ({e})") from None
+        questions.append(q)
+    return questions
+
+
+def answer_file(model, tokenizer):
+    """Answer every question of --questions into --answers (LLaVA's model_vqa format), resuming."""
+    if not args.answers:
+        raise UserError("--questions needs --answers FILE")
+    questions = read_questions(args.questions)
+    folder = Path(args.image_folder).resolve()
+    if not folder.is_dir():
+        raise UserError(f"{args.image_folder}: no such image folder")
+    answers = Path(args.answers)
+    done = set()
+    if answers.exists():  # resume: keep what an interrupted run already wrote
+        for line in answers.read_text().splitlines():
+            try:
+                done.add(json.loads(line)["question_id"])
+            except (ValueError, KeyError, TypeError):
+                pass
+    todo = [q for q in questions if q["question_id"] not in done]
+    print(f"{len(questions)} questions, {len(done)} already answered, {len(todo)} to go", file=sys.stderr)
+    skipped, t0 = 0, time.time()
+    with open(answers, "a") as out:
+        for i, q in enumerate(todo, 1):
+            try:
+                image_path = (folder / q.get("image", "")).resolve()
+                if not image_path.is_relative_to(folder):
+                    raise UserError(f"{q['image']}: outside the image folder")
+                chat = Conversation(model, tokenizer, load_image(image_path))
+            except UserError as e:
+                skipped += 1
+                print(f"skipped question {q['question_id']}: {e}", file=sys.stderr)
+                continue
+            text = "".join(chat.ask(q["text"])).strip()
+            out.write(json.dumps(dict(question_id=q["question_id"], prompt=q["text"], text=text,
+                                      answer_id=uuid.uuid4().hex, model_id=Path(args.ckpt).name, metadata={})) + "\n")
+            out.flush()
+            eta = (time.time() - t0) / i * (len(todo) - i)
+            print(f"\r{i}/{len(todo)} answered, {skipped} skipped, ETA {eta:.0f} s", end="", file=sys.stderr, flush=True)
+    print(f"\nwrote {answers} ({skipped} questions skipped)", file=sys.stderr)
+
+
+def main():
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.ckpt, args.device)
+    if args.questions:
+        return answer_file(model, tokenizer)
+    if args.image and args.demo:
+        raise UserError("give --image or --demo, not both")
+    if not args.image and not args.demo:
+        raise UserError("give an image: --image PATH, or --demo for a generated scene")
+    image = load_image(args.image) if args.image else demo_image()
+    if args.prompt is not None:
+        for piece in Conversation(model, tokenizer, image).ask(args.prompt):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        interactive(model, tokenizer, image)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)

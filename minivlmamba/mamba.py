@@ -1,0 +1,205 @@
+"""The Mamba language model (Mamba-1, Gu & Dao 2023), with recurrent decoding.
+
+Shape legend: b batch, l sequence length, d model width, di inner width (expand * d),
+n SSM state size, r dt rank, v (padded) vocabulary.
+
+Official implementation: state-spaces/mamba, mamba_ssm/modules/mamba_simple.py (the mixer) and
+mamba_ssm/models/mixer_seq_simple.py (the LM). Parameter names are theirs, so a pretrained
+`pytorch_model.bin` loads by key. We deviate in two places, both numerically equivalent:
+- the block is written as pre-norm `x = x + mixer(norm(x))` instead of upstream's fused
+  "add, then norm" that carries the residual separately;
+- the decode cache keeps the SSM state in fp32 whatever the weights' dtype.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minivlmamba.scan import selective_scan, selective_state_update
+
+
+@dataclass
+class MambaConfig:
+    d_model: int = 768
+    n_layer: int = 24
+    vocab_size: int = 50277
+    d_state: int = 16  # n
+    expand: int = 2  # e
+    d_conv: int = 4
+    dt_rank: int = 0  # r; 0 means "auto": ceil(d_model / 16)
+    pad_vocab_size_multiple: int = 8
+    norm_eps: float = 1e-5
+    scan_backend: str = "auto"
+
+    def __post_init__(self):
+        self.d_inner = self.expand * self.d_model
+        self.dt_rank = self.dt_rank or math.ceil(self.d_model / 16)
+        multiple = self.pad_vocab_size_multiple
+        self.vocab_padded = (self.vocab_size + multiple - 1) // multiple * multiple
+
+
+@torch.no_grad()
+def init_dt(dt_proj_weight, dt_proj_bias):
+    """Upstream's dt init: softplus(bias) is log-uniform in [1e-3, 1e-1], so each channel starts
+    with its own time scale; the small weight then lets the input modulate it."""
+    rank = dt_proj_weight.shape[-1]
+    nn.init.uniform_(dt_proj_weight, -rank ** -0.5, rank ** -0.5)
+    log_dt = torch.rand(dt_proj_bias.shape) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)
+    dt = torch.exp(log_dt).clamp(min=1e-4)
+    dt_proj_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # the inverse of softplus
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32, returned in the weight's dtype (upstream: layer_norm.py)."""
+
+    def __init__(self, d, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).to(self.weight.dtype)
+
+
+@dataclass
+class InferenceCache:
+    """Everything Mamba remembers about the past: constant size, whatever the context length.
+
+    conv_state (n_layer, b, di, d_conv): the last d_conv inputs of each causal convolution.
+    ssm_state  (n_layer, b, di, n) fp32: the SSM state h of each layer.
+    """
+
+    conv_state: torch.Tensor
+    ssm_state: torch.Tensor
+
+
+class MambaMixer(nn.Module):
+    """One Mamba layer: in_proj -> causal conv -> SiLU -> selective scan (gated by z) -> out_proj."""
+
+    def __init__(self, cfg: MambaConfig, layer_idx: int):
+        super().__init__()
+        d, di, n, r = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.in_proj = nn.Linear(d, 2 * di, bias=False)
+        self.conv1d = nn.Conv1d(di, di, cfg.d_conv, groups=di, padding=cfg.d_conv - 1)
+        self.x_proj = nn.Linear(di, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, di, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(di, 1))
+        self.D = nn.Parameter(torch.ones(di))
+        self.out_proj = nn.Linear(di, d, bias=False)
+
+    def ssm_params(self, x):
+        """From the conv output x (b, l, di) to the selective parameters delta (b, l, di), B, C (b, l, n)."""
+        n, r = self.cfg.d_state, self.cfg.dt_rank
+        dt, B, C = self.x_proj(x).split([r, n, n], dim=-1)
+        delta = dt @ self.dt_proj.weight.t()  # (b, l, di); the bias goes into the scan as delta_bias
+        return delta, B, C
+
+    def forward(self, hidden, cache: InferenceCache | None = None):
+        """hidden (b, l, d) -> (b, l, d). With a cache, also leaves the final conv and SSM states in it."""
+        l = hidden.shape[1]
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (b, di, l) each
+        if cache is not None:  # keep the last d_conv inputs, left-padded with zeros if l < d_conv
+            cache.conv_state[self.layer_idx].copy_(F.pad(x, (self.cfg.d_conv - l, 0)))
+        x = F.silu(self.conv1d(x)[..., :l])  # (b, di, l): the padding makes the conv causal
+        delta, B, C = self.ssm_params(x.transpose(1, 2))
+        y = selective_scan(x, delta.transpose(1, 2), -torch.exp(self.A_log.float()),
+                           B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
+                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                           return_last_state=cache is not None, backend=self.cfg.scan_backend)
+        if cache is not None:
+            y, last_state = y
+            cache.ssm_state[self.layer_idx].copy_(last_state)
+        return self.out_proj(y.transpose(1, 2))  # (b, l, d)
+
+    def step(self, hidden, cache: InferenceCache):
+        """One token: hidden (b, d) -> (b, d), updating this layer's cache in place."""
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, di) each
+        conv_state = cache.conv_state[self.layer_idx]  # (b, di, d_conv)
+        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+        conv_state[:, :, -1] = x
+        x = (conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias  # (b, di)
+        x = F.silu(x)
+        delta, B, C = self.ssm_params(x)
+        y = selective_state_update(cache.ssm_state[self.layer_idx], x, delta, -torch.exp(self.A_log.float()),
+                                   B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
+                                   delta_softplus=True, backend=self.cfg.scan_backend)
+        return self.out_proj(y)  # (b, d)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; the residual stream stays fp32 (upstream's residual_in_fp32)."""
+
+    def __init__(self, cfg: MambaConfig, layer_idx: int):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = MambaMixer(cfg, layer_idx)
+
+    def forward(self, x, cache=None):
+        return x + self.mixer(self.norm(x), cache).float()
+
+    def step(self, x, cache):
+        return x + self.mixer.step(self.norm(x), cache).float()
+
+
+class MambaLM(nn.Module):
+    """Embedding -> n_layer Mamba blocks -> final RMSNorm -> LM head tied to the embedding."""
+
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = nn.ModuleDict(dict(
+            embedding=nn.Embedding(cfg.vocab_padded, cfg.d_model),
+            layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
+            norm_f=RMSNorm(cfg.d_model, cfg.norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_padded, bias=False)
+        self.lm_head.weight = self.backbone.embedding.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Upstream's init: small embeddings, dt log-uniform in [1e-3, 1e-1], out_proj scaled down."""
+        cfg = self.cfg
+        nn.init.normal_(self.backbone.embedding.weight, std=0.02)
+        for block in self.backbone.layers:
+            mixer = block.mixer
+            init_dt(mixer.dt_proj.weight, mixer.dt_proj.bias)
+            mixer.out_proj.weight /= math.sqrt(cfg.n_layer)
+
+    def allocate_cache(self, batch_size, device=None, dtype=None) -> InferenceCache:
+        cfg, w = self.cfg, self.backbone.embedding.weight
+        device, dtype = device or w.device, dtype or w.dtype
+        return InferenceCache(
+            conv_state=torch.zeros(cfg.n_layer, batch_size, cfg.d_inner, cfg.d_conv, device=device, dtype=dtype),
+            ssm_state=torch.zeros(cfg.n_layer, batch_size, cfg.d_inner, cfg.d_state, device=device),
+        )
+
+    def hidden_states(self, inputs_embeds, cache: InferenceCache | None = None):
+        """inputs_embeds (b, l, d) -> final normalised hidden states (b, l, d), before the LM head.
+
+        With a cache this is the prefill: it also leaves every layer's state in the cache.
+        """
+        x = inputs_embeds.float()  # (b, l, d): the residual stream
+        for block in self.backbone.layers:
+            x = block(x, cache)
+        return self.backbone.norm_f(x)
+
+    def forward(self, input_ids=None, inputs_embeds=None, cache: InferenceCache | None = None):
+        """input_ids (b, l) or inputs_embeds (b, l, d) -> logits (b, l, v)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.backbone.embedding(input_ids) if inputs_embeds is None else inputs_embeds
+        return self.lm_head(self.hidden_states(x, cache))
+
+    def step(self, input_ids, cache: InferenceCache):
+        """One token per sequence: input_ids (b,) -> logits (b, v). O(1) in the context length."""
+        x = self.backbone.embedding(input_ids).float()  # (b, d)
+        for block in self.backbone.layers:
+            x = block.step(x, cache)
+        return self.lm_head(self.backbone.norm_f(x))

@@ -1,0 +1,97 @@
+"""VL-Mamba: vision tower -> multimodal connector -> Mamba LM (Qiao et al. 2024, figure 1).
+
+Shape legend: b batch, p image patches, l text length, d LM width, v (padded) vocabulary.
+
+The visual tokens are placed before the text embeddings and the whole sequence goes through the
+Mamba LM: R = f_L(MMC(f_V(I)), f_T(Q)) (paper equation 5). Because Mamba is recurrent, generation
+reads the image and the prompt once (the prefill) and then carries a constant-size state: each new
+token costs the same, however long the conversation.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minivlmamba.config import VLMConfig
+from minivlmamba.connector import Connector
+from minivlmamba.mamba import InferenceCache, MambaLM
+from minivlmamba.templates import IGNORE
+from minivlmamba.vision import VisionTower
+
+EOT_ID = 0  # <|endoftext|>: the end of every answer and the stop token
+
+
+class VLMamba(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionTower(cfg.vision)
+        self.connector = Connector(cfg.connector, cfg.vision.width, cfg.lm.d_model, cfg.vision.grid, cfg.scan,
+                                   cfg.vss_d_state, cfg.vss_expand, cfg.lm.scan_backend)
+        self.lm = MambaLM(cfg.lm)
+
+    def embed(self, pixel_values, input_ids):
+        """pixel_values (b, 3, H, W), input_ids (b, l) -> inputs_embeds (b, p + l, d): image first."""
+        image = self.connector(self.vision(pixel_values))  # (b, p, d)
+        text = self.lm.backbone.embedding(input_ids)  # (b, l, d)
+        return torch.cat([image.to(text.dtype), text], dim=1)
+
+    def forward(self, pixel_values, input_ids, labels=None):
+        """-> (logits (b, l, v) for the text positions, mean loss over labelled tokens or None).
+
+        logits[:, i] predicts input_ids[:, i], so the first text token is predicted by the last
+        image token: we never compute (or pay for) logits on the other image positions.
+        """
+        p = self.cfg.vision.num_patches
+        hidden = self.lm.hidden_states(self.embed(pixel_values, input_ids))  # (b, p + l, d)
+        logits = self.lm.lm_head(hidden[:, p - 1:-1])  # (b, l, v)
+        if labels is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        return logits, loss
+
+    @torch.inference_mode()
+    def prefill(self, pixel_values, input_ids, cache: InferenceCache):
+        """Read the image and the prompt into a fresh cache; returns the next-token logits (b, v)."""
+        hidden = self.lm.hidden_states(self.embed(pixel_values, input_ids), cache)  # (b, p + l, d)
+        return self.lm.lm_head(hidden[:, -1])
+
+    @torch.inference_mode()
+    def extend(self, input_ids, cache: InferenceCache):
+        """Read more text (b, l) on top of the cached state, one token at a time; returns the last logits."""
+        for i in range(input_ids.shape[1]):
+            logits = self.lm.step(input_ids[:, i], cache)
+        return logits
+
+    @torch.inference_mode()
+    def generate(self, logits, cache: InferenceCache, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0):
+        """Yield new token ids (b,) one at a time, starting from the prefill's logits (b, v).
+
+        Every yielded token has already been read into the cache, the final end-of-text too, so a
+        conversation can go on from where the answer stopped. Stops when all sequences hit end-of-text.
+        """
+        done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        for _ in range(max_new_tokens):
+            token = sample(logits[:, :self.cfg.lm.vocab_size], temperature, top_k, top_p)  # (b,)
+            token = torch.where(done, EOT_ID, token)
+            logits = self.lm.step(token, cache)
+            yield token
+            done |= token == EOT_ID
+            if done.all():
+                return
+
+
+def sample(logits, temperature=0.0, top_k=0, top_p=1.0):
+    """logits (b, v) -> token ids (b,). Greedy when temperature is 0; else top-k, then top-p (nucleus)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (b, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)  # (b, v)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1)[:, 0]
