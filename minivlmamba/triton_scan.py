@@ -12,11 +12,18 @@ What is computed (the same function as `scan.selective_scan_ref`, all math in fp
 
 Forward. One program owns BLOCK_D channels of one sequence and walks along l in chunks of CHUNK
 steps. Inside a chunk the recurrence h -> a h + x is a composition of affine maps, which is
-associative, so `tl.associative_scan` computes all CHUNK states of the chunk in parallel (a tile
-(BLOCK_D, NP, CHUNK)) from a zero start; the state h0 carried in from the previous chunk enters as
-h_t = hloc_t + (a_1 ... a_t) h0. Only h0 is written to memory, once per chunk: the backward needs
-these chunk-boundary states and recomputes everything else. No (b, di, n, l) tensor ever exists.
+associative, so `tl.associative_scan` computes all CHUNK states of the chunk as one tile
+(CHUNK, NP, BLOCK_D); the state h0 carried in from the previous chunk is folded into the first step.
+Only h0 is written to memory, once per chunk: the backward needs these chunk-boundary states and
+recomputes everything else, so no (b, di, n, l) tensor ever exists (the saved states take
+4 bytes per step and channel, twice a bf16 activation, at CHUNK = 16).
 exp(delta A) is computed as exp2(delta * A log2(e)), the native special-function instruction.
+
+Why the tile is laid out (CHUNK, NP, BLOCK_D): Triton spreads the last axis over a warp's lanes
+first. With BLOCK_D = 8, the 32 lanes cover 8 channels x 4 state indices, and each thread holds all
+CHUNK steps of its (channel, 4 states): the scan along the chunk then runs inside one thread with no
+shuffles, and the sum over n needs only two shuffle rounds. Each program also issues the next
+chunk's loads before computing the current one, so memory latency hides behind the arithmetic.
 
 Backward. The same programs walk the chunks in reverse. Each chunk reloads its h0, recomputes
 a_t and h_t, and runs the adjoint recurrence backwards in time:
@@ -27,12 +34,14 @@ With x_t = delta_t B_t u_t and a_t h_{t-1} = h_t - x_t, the chain rule gives
     du_t = delta_t sum_n dh_t B_t + D dy_t
     ddelta_t = u_t sum_n dh_t B_t + sum_n dh_t (h_t - x_t) A        (then times sigmoid, for softplus)
     dA = sum_t dh_t (h_t - x_t) delta_t,   dD = sum_t dy_t u_t,   dz_t = dout_t y_t silu'(z_t)
-dB and dC sum over channels held by many programs: each program adds its (NP, CHUNK) share with
-fp32 atomics. dA, dD and d(delta_bias) are summed over l in registers and over b in PyTorch.
+dB and dC sum over channels held by many programs: each program adds its (CHUNK, NP) share with
+fp32 atomics (after a shuffle reduction over the program's channels). dA, dD and d(delta_bias) are
+summed over l in registers and over b in PyTorch.
 
 Official implementation: mamba_ssm/csrc/selective_scan (CUDA, the same chunked design with block
-scans) and mamba_ssm/ops/triton/selective_state_update.py (the decode step). We differ in using
-Triton's associative scan per chunk and in saving only the state at chunk starts.
+scans) and mamba_ssm/ops/triton/selective_state_update.py (the decode step). We differ in the
+parallel layout (each thread scans its steps sequentially) and in much shorter chunks (16 steps,
+not 2048), which keeps the backward's recomputation inside registers.
 """
 
 import torch
@@ -319,7 +328,7 @@ class SelectiveScanFn(torch.autograd.Function):
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, chunk=16, block_d=8, num_warps=1,
-                          bwd_block_d=8, bwd_num_warps=1):
+                          bwd_block_d=4, bwd_num_warps=1):
     """The selective scan on fused Triton kernels (same arguments and results as selective_scan_ref).
 
     Args: u, delta, z (b, di, l); A (di, n) fp32; B, C (b, n, l) or (b, g, n, l); D, delta_bias (di,).
