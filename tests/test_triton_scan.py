@@ -55,7 +55,7 @@ CASES = [  # (b, di, l, n, g, has_z, has_bias, chunk)
     (2, 6, 37, 8, 2, False, True, 16),  # odd l, groups of 3 channels
     (1, 8, 100, 16, 4, True, False, 16),  # 7 chunks, 4 groups
     (2, 8, 45, 5, 1, True, True, 8),  # n not a power of two
-    (1, 16, 130, 16, 2, True, True, 32),  # the VSS layout: 2 directions, no partial blocks
+    (1, 16, 130, 16, 2, True, True, None),  # the default kernel configuration, 2 directions
 ]
 
 
@@ -66,8 +66,9 @@ def test_scan_matches_reference(case, dtype):
     rtol, atol = TOL[dtype]
     leaves = make_inputs(b, di, l, n, g, dtype, has_z, has_bias, seed=hash(case) % 1000)
     twin = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
+    config = dict(chunk=chunk, block_d=4, bwd_block_d=4) if chunk else {}
     out, last = selective_scan_triton(**scan_args(leaves, g), delta_softplus=has_bias, return_last_state=True,
-                                      chunk=chunk, block_d=4, bwd_block_d=4)
+                                      **config)
     out_ref, last_ref = selective_scan_ref(**scan_args(twin, g), delta_softplus=has_bias, return_last_state=True)
     assert out.dtype == dtype and out.shape == (b, di, l) and last.dtype == torch.float32
     torch.testing.assert_close(out.float(), out_ref.float(), rtol=rtol, atol=atol)
@@ -119,5 +120,27 @@ def test_decode_continues_the_scan():
     full = selective_scan_triton(u, delta, A, B, C, D, z, bias, True, chunk=8)
     _, state = selective_scan_triton(u[..., :l], delta[..., :l], A, B[..., :l], C[..., :l], D, z[..., :l], bias,
                                      True, return_last_state=True, chunk=8)
-    y = selective_state_update_triton(state, u[..., l], delta[..., l], A, B[..., l], C[..., l], D, z[..., l], bias, True)
+    y = selective_state_update_triton(state, u[..., l], delta[..., l], A, B[..., l], C[..., l], D, z[..., l], bias,
+                                      True)
     torch.testing.assert_close(y, full[..., l], rtol=6e-4, atol=2e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_state_update_in_cuda_graph():
+    """The decode step captured once in a CUDA graph and replayed == the reference, step by step."""
+    b, di, n = 2, 64, 16
+    x, delta, z = (torch.randn(b, di, device="cuda") for _ in range(3))
+    A = -torch.rand(di, n, device="cuda")
+    B, C = (torch.randn(b, n, device="cuda") for _ in range(2))
+    D, bias = torch.randn(di, device="cuda"), torch.rand(di, device="cuda")
+    state = torch.randn(b, di, n, device="cuda")
+    state_ref = state.clone()
+    selective_state_update_triton(state.clone(), x, delta, A, B, C, D, z, bias, True)  # compile first
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = selective_state_update_triton(state, x, delta, A, B, C, D, z, bias, True)
+    for _ in range(3):
+        graph.replay()
+        y_ref = selective_state_update_ref(state_ref, x, delta, A, B, C, D, z, bias, True)
+        torch.testing.assert_close(y, y_ref, rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(state, state_ref, rtol=6e-4, atol=2e-3)
