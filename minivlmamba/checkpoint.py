@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from minivlmamba.config import UserError, VLMConfig
+from minivlmamba.pretrained import load_state_dict_strict
 from minivlmamba.vlm import VLMamba
 
 TIED = "lm.lm_head.weight"  # the same tensor as the embedding: stored once
@@ -40,21 +41,6 @@ def save_model(folder, model: VLMamba, tokenizer: Tokenizer):
 
 def save_train_state(folder, state: dict):
     atomic_write(Path(folder) / "train_state.pt", lambda p: torch.save(state, p))
-
-
-def load_state_dict_strict(module: torch.nn.Module, weights: dict, source: str, ignore=()):
-    """Copy weights into module by name; any missing, unexpected or misshapen tensor is an error naming it."""
-    expected = {k: v for k, v in module.state_dict().items() if k not in ignore}
-    for name, tensor in weights.items():
-        if name not in expected:
-            raise UserError(f"{source}: unexpected tensor {name!r}")
-        if tensor.shape != expected[name].shape:
-            raise UserError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                            f"expected {tuple(expected[name].shape)}")
-    missing = sorted(set(expected) - set(weights))
-    if missing:
-        raise UserError(f"{source}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    module.load_state_dict(weights, strict=False)
 
 
 def load_model(folder, device="cpu"):

@@ -162,6 +162,12 @@ class MambaLM(nn.Module):
         self.lm_head.weight = self.backbone.embedding.weight
         self.reset_parameters()
 
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, dtype=None, device=None) -> "MambaLM":
+        """A state-spaces or transformers Mamba checkpoint (a folder or a Hugging Face repo id): see pretrained.py."""
+        from minivlmamba.pretrained import load_mamba  # here, as pretrained.py imports this module
+        return load_mamba(path_or_repo_id, dtype=dtype, device=device)
+
     @torch.no_grad()
     def reset_parameters(self):
         """Upstream's init: small embeddings, dt log-uniform in [1e-3, 1e-1], out_proj scaled down."""

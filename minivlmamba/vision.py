@@ -124,6 +124,12 @@ class VisionTower(nn.Module):
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers_used))
 
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, select_layer=-2, dtype=None, device=None) -> "VisionTower":
+        """A transformers CLIP or SigLIP checkpoint (a folder or a Hugging Face repo id): see pretrained.py."""
+        from minivlmamba.pretrained import load_vision_tower  # here, as pretrained.py imports this module
+        return load_vision_tower(path_or_repo_id, select_layer=select_layer, dtype=dtype, device=device)
+
     def forward(self, pixel_values):
         x = self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype))
         if self.cfg.pre_norm:
@@ -157,8 +163,8 @@ def preprocess_image(img: Image.Image, cfg: VisionConfig) -> torch.Tensor:
         square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
         img = square
     if cfg.resize == "crop":
-        scale = size / min(img.size)
-        w, h = (size, int(img.height * scale)) if img.width <= img.height else (int(img.width * scale), size)
+        w, h = img.size  # short side -> size, as transformers: h * (size / w) would make 49 x 49 into 32 x 31
+        w, h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
         img = img.resize((w, h), Image.BICUBIC)
         left, top = (w - size) // 2, (h - size) // 2
         img = img.crop((left, top, left + size, top + size))
