@@ -14,9 +14,9 @@ Forward. One program owns BLOCK_D channels of one sequence and walks along l in 
 steps. Inside a chunk the recurrence h -> a h + x is a composition of affine maps, which is
 associative, so `tl.associative_scan` computes all CHUNK states of the chunk as one tile
 (CHUNK, NP, BLOCK_D); the state h0 carried in from the previous chunk is folded into the first step.
-Only h0 is written to memory, once per chunk: the backward needs these chunk-boundary states and
-recomputes everything else, so no (b, di, n, l) tensor ever exists (the saved states take
-4 bytes per step and channel, twice a bf16 activation, at CHUNK = 16).
+Only h0 is written to memory, at every backward chunk (bwd_chunk steps, 256 by default): the
+backward needs these states and recomputes everything else, so no (b, di, n, l) tensor ever exists
+(the saved states take 4 n / bwd_chunk bytes per step and channel: 1/4 byte at n = 16).
 exp(delta A) is computed as exp2(delta * A log2(e)), the native special-function instruction.
 
 Why the tile is laid out (CHUNK, NP, BLOCK_D): Triton spreads the last axis over a warp's lanes
@@ -25,23 +25,27 @@ CHUNK steps of its (channel, 4 states): the scan along the chunk then runs insid
 shuffles, and the sum over n needs only two shuffle rounds. Each program also issues the next
 chunk's loads before computing the current one, so memory latency hides behind the arithmetic.
 
-Backward. The same programs walk the chunks in reverse. Each chunk reloads its h0, recomputes
-a_t and h_t, and runs the adjoint recurrence backwards in time:
+Backward. Its programs own BLOCK_D channels (1 by default) and walk chunks of bwd_chunk steps in
+reverse, with the tile laid out (BLOCK_D, CHUNK) as in the official CUDA kernel: the steps spread
+over the lanes (8 consecutive steps per thread), the channels inside each thread, and a loop over the
+state index n. Per chunk and state k, the program recomputes a_t and h_t from the saved h0
+(a scan across the lanes), then runs the adjoint recurrence backwards in time:
     dh_t = C_t dy_t + a_{t+1} dh_{t+1}                (the NEXT step's decay),  dy_t = dout_t silu(z_t)
-again as an associative scan (reversed), with dh of the next chunk's first step carried in.
-With x_t = delta_t B_t u_t and a_t h_{t-1} = h_t - x_t, the chain rule gives
+again as an associative scan (reversed), with dh of the next chunk's first step carried in through
+a small double-buffered (b, 2, di, n) scratch. With x_t = delta_t B_t u_t and a_t h_{t-1} = h_t - x_t:
     dC_t = sum_c dy_t h_t            dB_t = sum_c dh_t delta_t u_t     (sum over the group's channels)
     du_t = delta_t sum_n dh_t B_t + D dy_t
     ddelta_t = u_t sum_n dh_t B_t + sum_n dh_t (h_t - x_t) A        (then times sigmoid, for softplus)
     dA = sum_t dh_t (h_t - x_t) delta_t,   dD = sum_t dy_t u_t,   dz_t = dout_t y_t silu'(z_t)
-dB and dC sum over channels held by many programs: each program adds its (CHUNK, NP) share with
-fp32 atomics (after a shuffle reduction over the program's channels). dA, dD and d(delta_bias) are
-summed over l in registers and over b in PyTorch.
+The sums over n (du, ddelta, and y = C . h + D u for dz) accumulate inside each thread across the
+loop over k: no shuffles. dB and dC sum over channels held by many programs: each program adds
+its (CHUNK,) row per state with fp32 vector atomics (red.v4.f32), coalesced along the steps. Only the
+scans, dA (summed over the chunk, then one atomic) and the adjoint carry cross lanes.
 
 Official implementation: mamba_ssm/csrc/selective_scan (CUDA, the same chunked design with block
-scans) and mamba_ssm/ops/triton/selective_state_update.py (the decode step). We differ in the
-parallel layout (each thread scans its steps sequentially) and in much shorter chunks (16 steps,
-not 2048), which keeps the backward's recomputation inside registers.
+scans) and mamba_ssm/ops/triton/selective_state_update.py (the decode step). The backward follows
+its layout; it recomputes a_{t+1} with a second exponential instead of passing a_t between threads.
+The forward differs (each thread scans its 16 steps sequentially, lanes over channels and n).
 """
 
 import torch
@@ -86,7 +90,7 @@ def _scan_fwd_kernel(
     DI, L, N, GROUP,
     s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr, SAVE: tl.constexpr,
 ):
     pid_d, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     tc = tl.arange(0, CHUNK)  # (CHUNK,) step within the chunk
@@ -102,13 +106,14 @@ def _scan_fwd_kernel(
     B_col = B_ptr + pid_b * s_Bb + grp * s_Bg + n[None, :] * s_Bn  # (1, NP)
     C_col = C_ptr + pid_b * s_Cb + grp * s_Cg + n[None, :] * s_Cn
     n_chunks = tl.cdiv(L, CHUNK)
-    h0_ptrs = h0_ptr + (pid_b * n_chunks * DI + d[None, :]) * N + n[:, None]  # (NP, BLOCK_D)
+    h0_ptrs = h0_ptr + (pid_b * tl.cdiv(n_chunks, SAVE) * DI + d[None, :]) * N + n[:, None]  # (NP, BLOCK_D)
 
     h = tl.zeros((NP, BLOCK_D), tl.float32)  # state entering the chunk
     u_nxt, dt_nxt = _load_tile(u_col, tc, md, L), _load_tile(dt_col, tc, md, L)  # (CHUNK, BLOCK_D)
     B_nxt, C_nxt = _load_tile(B_col, tc, mn, L), _load_tile(C_col, tc, mn, L)  # (CHUNK, NP)
     for c in range(n_chunks):
-        tl.store(h0_ptrs + c * DI * N, h, mask=mnd)
+        if c % SAVE == 0:  # the state entering every SAVE-th chunk, for the backward
+            tl.store(h0_ptrs + c // SAVE * DI * N, h, mask=mnd)
         t = c * CHUNK + tc  # (CHUNK,)
         m = (t < L)[:, None] & md[None, :]  # (CHUNK, BLOCK_D)
         u, Bt, Ct = u_nxt.to(tl.float32), B_nxt.to(tl.float32), C_nxt.to(tl.float32)
@@ -135,100 +140,106 @@ def _scan_fwd_kernel(
 
 @triton.jit
 def _scan_bwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, h0_ptr,
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, h0_ptr, carry_ptr,
     du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
     DI, L, N, GROUP, G,
     s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_ob, s_od,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
 ):
     pid_d, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    tc = tl.arange(0, CHUNK)  # (CHUNK,)
-    n = tl.arange(0, NP)  # (NP,)
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
-    mn, md = n < N, d < DI
-    mnd = mn[:, None] & md[None, :]  # (NP, BLOCK_D)
+    tc = tl.arange(0, CHUNK)  # (CHUNK,) step within the chunk
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,) channels
+    md = d < DI
     grp = pid_d * BLOCK_D // GROUP
-    A = tl.load(A_ptr + d[None, :] * N + n[:, None], mask=mnd, other=0.0)  # (NP, BLOCK_D)
-    A2 = A * LOG2E
-    bias = tl.load(bias_ptr + d, mask=md)[None, :] if HAS_BIAS else None  # (1, BLOCK_D)
-    Dv = tl.load(D_ptr + d, mask=md)[None, :] if HAS_D else None
-    u_col = u_ptr + pid_b * s_ub + d[None, :] * s_ud  # (1, BLOCK_D)
-    dt_col = dt_ptr + pid_b * s_tb + d[None, :] * s_td
-    do_col = dout_ptr + pid_b * s_ob + d[None, :] * s_od
-    g_col = (pid_b * DI + d[None, :]) * L  # (1, BLOCK_D) offsets into du, ddelta, dz
-    B_col = B_ptr + pid_b * s_Bb + grp * s_Bg + n[None, :] * s_Bn  # (1, NP)
-    C_col = C_ptr + pid_b * s_Cb + grp * s_Cg + n[None, :] * s_Cn
-    dBC_col = ((pid_b * G + grp) * N + n[None, :]) * L  # (1, NP) offsets into the fp32 dB, dC
+    bias = tl.load(bias_ptr + d, mask=md)[:, None] if HAS_BIAS else None  # (BLOCK_D, 1)
+    Dv = tl.load(D_ptr + d, mask=md)[:, None] if HAS_D else None
+    u_row = u_ptr + pid_b * s_ub + d[:, None] * s_ud  # (BLOCK_D, 1) where each channel starts
+    dt_row = dt_ptr + pid_b * s_tb + d[:, None] * s_td
+    do_row = dout_ptr + pid_b * s_ob + d[:, None] * s_od
+    g_row = (pid_b * DI + d[:, None]) * L  # (BLOCK_D, 1) offsets into du, ddelta, dz
+    B_row = B_ptr + pid_b * s_Bb + grp * s_Bg  # B_t[k] at B_row + k s_Bn + t
+    C_row = C_ptr + pid_b * s_Cb + grp * s_Cg
+    dBC_row = (pid_b * G + grp) * N * L  # offset of the group's fp32 (n, l) dB and dC
     n_chunks = tl.cdiv(L, CHUNK)
-    h0_ptrs = h0_ptr + (pid_b * n_chunks * DI + d[None, :]) * N + n[:, None]  # (NP, BLOCK_D)
+    h0_col = h0_ptr + (pid_b * n_chunks * DI + d) * N  # (BLOCK_D,) state k of chunk c at + c DI N + k
+    carry_col = carry_ptr + (pid_b * 2 * DI + d) * N  # (BLOCK_D,) two buffers, DI N apart
+    A_col = A_ptr + d * N
+    dA_col = dA_ptr + (pid_b * DI + d) * N
+    first = (tc == 0)[None, :]  # (1, CHUNK)
+    last = (tc == CHUNK - 1)[None, :]
 
-    dh_next = tl.zeros((NP, BLOCK_D), tl.float32)  # dh at the first step of the next chunk
-    dA = tl.zeros((NP, BLOCK_D), tl.float32)
     dD = tl.zeros((BLOCK_D,), tl.float32)
     dbias = tl.zeros((BLOCK_D,), tl.float32)
-    t = (n_chunks - 1) * CHUNK + tc
-    u_nxt, dt_nxt, do_nxt = _load_tile(u_col, t, md, L), _load_tile(dt_col, t, md, L), _load_tile(do_col, t, md, L)
-    B_nxt, C_nxt = _load_tile(B_col, t, mn, L), _load_tile(C_col, t, mn, L)  # (CHUNK, NP)
     for i in range(n_chunks):
         c = n_chunks - 1 - i
         t = c * CHUNK + tc  # (CHUNK,)
-        m = (t < L)[:, None] & md[None, :]  # (CHUNK, BLOCK_D)
-        mbc = (t < L)[:, None] & mn[None, :]  # (CHUNK, NP)
-        u, dt_raw, dout = u_nxt.to(tl.float32), dt_nxt.to(tl.float32), do_nxt.to(tl.float32)
-        Bt, Ct = B_nxt.to(tl.float32), C_nxt.to(tl.float32)
+        mt = t < L
+        m = md[:, None] & mt[None, :]  # (BLOCK_D, CHUNK)
+        u = tl.load(u_row + t[None, :], mask=m, other=0.0).to(tl.float32)  # (BLOCK_D, CHUNK)
+        dt_raw = tl.load(dt_row + t[None, :], mask=m, other=0.0).to(tl.float32)
         dt = _delta(dt_raw, bias, m, HAS_BIAS, SOFTPLUS)
-        dt1 = _delta(_load_tile(dt_col, t + 1, md, L).to(tl.float32), bias, ((t + 1) < L)[:, None] & md[None, :],
+        m1 = md[:, None] & (t + 1 < L)[None, :]
+        dt1 = _delta(tl.load(dt_row + t[None, :] + 1, mask=m1, other=0.0).to(tl.float32), bias, m1,
                      HAS_BIAS, SOFTPLUS)  # delta_{t+1}, for the next step's decay
-        # issue the loads of the chunk before, so that they arrive while this chunk computes
-        u_nxt, dt_nxt = _load_tile(u_col, t - CHUNK, md, L), _load_tile(dt_col, t - CHUNK, md, L)
-        do_nxt = _load_tile(do_col, t - CHUNK, md, L)
-        B_nxt, C_nxt = _load_tile(B_col, t - CHUNK, mn, L), _load_tile(C_col, t - CHUNK, mn, L)
-
-        # recompute the chunk's states from the saved h0
-        h0 = tl.load(h0_ptrs + c * DI * N, mask=mnd, other=0.0)  # (NP, BLOCK_D)
-        a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (CHUNK, NP, BLOCK_D)
-        x = Bt[:, :, None] * (dt * u)[:, None, :]  # (CHUNK, NP, BLOCK_D)
-        _, h = tl.associative_scan((a, tl.where(tc[:, None, None] == 0, x + a * h0[None, :, :], x)),
-                                   axis=0, combine_fn=_compose)  # (CHUNK, NP, BLOCK_D)
-        y = tl.sum(h * Ct[:, :, None], axis=1)  # (CHUNK, BLOCK_D) before D and the gate
-        if HAS_D:
-            y += Dv * u
-        dy = dout
+        if SOFTPLUS:
+            dt_raw = tl.sigmoid(dt_raw + bias if HAS_BIAS else dt_raw)  # softplus' (1 above 20, as sigmoid)
+        dtu = dt * u
+        dy = tl.load(do_row + t[None, :], mask=m, other=0.0).to(tl.float32)
         if HAS_Z:
-            z = tl.load(z_ptr + pid_b * s_zb + d[None, :] * s_zd + t[:, None], mask=m, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + pid_b * s_zb + d[:, None] * s_zd + t[None, :], mask=m, other=0.0).to(tl.float32)
             sz = tl.sigmoid(z)
-            tl.store(dz_ptr + g_col + t[:, None], dout * y * sz * (1.0 + z * (1.0 - sz)), mask=m)
-            dy = dout * z * sz
-        tl.atomic_add(dC_ptr + dBC_col + t[:, None], tl.sum(h * dy[:, None, :], axis=2), mask=mbc, sem="relaxed")
-        h -= x  # (CHUNK, NP, BLOCK_D) now a_t h_{t-1}, the part of h_t that came through the decay
+            dz = dy * sz * (1.0 + z * (1.0 - sz))  # times y, once summed below
+            dy *= z * sz
+            y = Dv * u if HAS_D else tl.zeros((BLOCK_D, CHUNK), tl.float32)  # C . h + D u
+        if HAS_D:
+            dD += tl.sum(dy * u, axis=1)
+        dhB = tl.zeros((BLOCK_D, CHUNK), tl.float32)  # sum_n dh_t B_t
+        dhaA = tl.zeros((BLOCK_D, CHUNK), tl.float32)  # sum_n dh_t a_t h_{t-1} A
+        carry_in = carry_col + ((c + 1) % 2) * DI * N  # the adjoint entering from the next chunk (0 at first)
+        carry_out = carry_col + (c % 2) * DI * N
+        tl.debug_barrier()  # the next chunk's carries, written by another thread, are visible
+        for k in range(N):
+            A = tl.load(A_col + k, mask=md, other=0.0)[:, None]  # (BLOCK_D, 1)
+            A2 = A * LOG2E
+            Bk = tl.load(B_row + k * s_Bn + t, mask=mt, other=0.0).to(tl.float32)[None, :]  # (1, CHUNK)
+            Ck = tl.load(C_row + k * s_Cn + t, mask=mt, other=0.0).to(tl.float32)[None, :]
+            h0 = tl.load(h0_col + c * DI * N + k, mask=md, other=0.0)[:, None]  # (BLOCK_D, 1)
+            dh_in = tl.load(carry_in + k, mask=md, other=0.0)[:, None]
 
-        # the adjoint recurrence, backwards in time, with the next step's decay
-        a1 = tl.exp2(dt1[:, None, :] * A2[None, :, :])  # (CHUNK, NP, BLOCK_D) a_{t+1}
-        g = Ct[:, :, None] * dy[:, None, :]  # (CHUNK, NP, BLOCK_D)
-        g = tl.where(tc[:, None, None] == CHUNK - 1, g + a1 * dh_next[None, :, :], g)
-        _, dh = tl.associative_scan((a1, g), axis=0, combine_fn=_compose, reverse=True)
-        dh_next = _pick(dh, tc, 0)  # (NP, BLOCK_D)
+            # recompute the chunk's states of state index k from the saved h0
+            a = tl.exp2(dt * A2)  # (BLOCK_D, CHUNK)
+            x = Bk * dtu
+            _, h = tl.associative_scan((a, tl.where(first, x + a * h0, x)), axis=1, combine_fn=_compose)
+            tl.atomic_add(dC_ptr + dBC_row + k * L + t, tl.sum(h * dy, axis=0), mask=mt, sem="relaxed")
+            if HAS_Z:
+                y += Ck * h
 
-        tl.atomic_add(dB_ptr + dBC_col + t[:, None], tl.sum(dh * (dt * u)[:, None, :], axis=2), mask=mbc, sem="relaxed")
-        dhB = tl.sum(dh * Bt[:, :, None], axis=1)  # (CHUNK, BLOCK_D)
-        dh *= h  # (CHUNK, NP, BLOCK_D) dh_t a_t h_{t-1}
-        ddt = u * dhB + tl.sum(dh * A[None, :, :], axis=1)  # (CHUNK, BLOCK_D)
-        dA += tl.sum(dh * dt[:, None, :], axis=0)  # (NP, BLOCK_D)
+            # the adjoint recurrence, backwards in time, with the next step's decay
+            a1 = tl.exp2(dt1 * A2)  # (BLOCK_D, CHUNK) a_{t+1}
+            g = Ck * dy
+            _, dh = tl.associative_scan((a1, tl.where(last, g + a1 * dh_in, g)), axis=1, combine_fn=_compose,
+                                        reverse=True)
+            tl.store(carry_out + k, tl.sum(tl.where(first, dh, 0.0), axis=1), mask=md)  # dh at the first step
+            tl.atomic_add(dB_ptr + dBC_row + k * L + t, tl.sum(dh * dtu, axis=0), mask=mt, sem="relaxed")
+            dhB += dh * Bk
+            dh *= h - x  # dh_t a_t h_{t-1}
+            dhaA += dh * A
+            tl.atomic_add(dA_col + k, tl.sum(dh * dt, axis=1), mask=md, sem="relaxed")
+
+        ddt = u * dhB + dhaA
         du = dt * dhB
         if HAS_D:
             du += Dv * dy
-            dD += tl.sum(dy * u, axis=0)
+        if HAS_Z:
+            tl.store(dz_ptr + g_row + t[None, :], dz * y, mask=m)
         if SOFTPLUS:
-            if HAS_BIAS:
-                dt_raw += bias
-            ddt *= tl.sigmoid(dt_raw)  # softplus' (1 above 20, where sigmoid rounds to 1)
+            ddt *= dt_raw
         if HAS_BIAS:
-            dbias += tl.sum(tl.where(m, ddt, 0.0), axis=0)
-        tl.store(du_ptr + g_col + t[:, None], du, mask=m)
-        tl.store(ddt_ptr + g_col + t[:, None], ddt, mask=m)
+            dbias += tl.sum(tl.where(m, ddt, 0.0), axis=1)
+        tl.store(du_ptr + g_row + t[None, :], du, mask=m)
+        tl.store(ddt_ptr + g_row + t[None, :], ddt, mask=m)
 
-    tl.store(dA_ptr + (pid_b * DI + d[None, :]) * N + n[:, None], dA, mask=mnd)
     if HAS_D:
         tl.store(dD_ptr + pid_b * DI + d, dD, mask=md)
     if HAS_BIAS:
@@ -254,12 +265,12 @@ def _strides(x, dims):
     return [x.stride(i) for i in dims] if x is not None else [0] * len(dims)
 
 
-def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, block_d, num_warps):
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, block_d, num_warps, save):
     b, di, l = u.shape
     g, n = B.shape[1], A.shape[1]
     block_d = _block_d(di // g, block_d)
     out = torch.empty(b, di, l, device=u.device, dtype=u.dtype)
-    h0 = torch.empty(b, triton.cdiv(l, chunk), di, n, device=u.device, dtype=torch.float32)
+    h0 = torch.empty(b, triton.cdiv(l, save), di, n, device=u.device, dtype=torch.float32)
     last = torch.empty(b, di, n, device=u.device, dtype=torch.float32)
     _scan_fwd_kernel[(triton.cdiv(di, block_d), b)](
         u, delta, A, B, C, D, z, delta_bias, out, h0, last,
@@ -267,7 +278,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, block_
         *_strides(u, (0, 1)), *_strides(delta, (0, 1)), *_strides(z, (0, 1)),
         *_strides(B, (0, 1, 2)), *_strides(C, (0, 1, 2)),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        BLOCK_D=block_d, NP=triton.next_power_of_2(n), CHUNK=chunk, num_warps=num_warps,
+        BLOCK_D=block_d, NP=triton.next_power_of_2(n), CHUNK=chunk, SAVE=save // chunk, num_warps=num_warps,
     )
     return out, last, h0
 
@@ -281,17 +292,18 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chu
     dz = torch.empty(b, di, l, device=u.device, dtype=z.dtype) if z is not None else None
     dB = torch.zeros(b, g, n, l, device=u.device, dtype=torch.float32)
     dC = torch.zeros(b, g, n, l, device=u.device, dtype=torch.float32)
-    dA = torch.empty(b, di, n, device=u.device, dtype=torch.float32)  # per-sequence partial sums
+    dA = torch.zeros(b, di, n, device=u.device, dtype=torch.float32)  # per-sequence partial sums
+    carry = torch.zeros(b, 2, di, n, device=u.device, dtype=torch.float32)  # adjoints between chunks
     dD = torch.empty(b, di, device=u.device, dtype=torch.float32) if D is not None else None
     dbias = torch.empty(b, di, device=u.device, dtype=torch.float32) if delta_bias is not None else None
     _scan_bwd_kernel[(triton.cdiv(di, block_d), b)](
-        u, delta, A, B, C, D, z, delta_bias, dout, h0,
+        u, delta, A, B, C, D, z, delta_bias, dout, h0, carry,
         du, ddelta, dz, dB, dC, dA, dD, dbias,
         di, l, n, di // g, g,
         *_strides(u, (0, 1)), *_strides(delta, (0, 1)), *_strides(z, (0, 1)),
         *_strides(B, (0, 1, 2)), *_strides(C, (0, 1, 2)), *_strides(dout, (0, 1)),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        BLOCK_D=block_d, NP=triton.next_power_of_2(n), CHUNK=chunk, num_warps=num_warps,
+        BLOCK_D=block_d, CHUNK=chunk, num_warps=num_warps,
     )
     return (du, ddelta, dA.sum(0), dB.to(B.dtype), dC.to(C.dtype),
             dD.sum(0) if D is not None else None, dz, dbias.sum(0) if delta_bias is not None else None)
@@ -308,7 +320,8 @@ class SelectiveScanFn(torch.autograd.Function):
         A = A.float().contiguous()
         D = D.float().contiguous() if D is not None else None
         delta_bias = delta_bias.float().contiguous() if delta_bias is not None else None
-        out, last, h0 = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *config["fwd"])
+        out, last, h0 = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *config["fwd"],
+                                  save=config["bwd"][0])
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0)
         ctx.delta_softplus, ctx.config, ctx.squeeze_bc = delta_softplus, config, squeeze_bc
         ctx.mark_non_differentiable(last)
@@ -317,10 +330,9 @@ class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, delta_bias, h0 = ctx.saved_tensors
-        chunk = ctx.config["fwd"][0]
         du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd(
             _last_dim_contiguous(dout), u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, h0,
-            chunk, *ctx.config["bwd"])
+            *ctx.config["bwd"])
         dB = dB.squeeze(1) if ctx.squeeze_bc[0] else dB
         dC = dC.squeeze(1) if ctx.squeeze_bc[1] else dC
         return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None
@@ -328,15 +340,17 @@ class SelectiveScanFn(torch.autograd.Function):
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, chunk=16, block_d=8, num_warps=1,
-                          bwd_block_d=4, bwd_num_warps=1):
+                          bwd_chunk=256, bwd_block_d=1, bwd_num_warps=1):
     """The selective scan on fused Triton kernels (same arguments and results as selective_scan_ref).
 
     Args: u, delta, z (b, di, l); A (di, n) fp32; B, C (b, n, l) or (b, g, n, l); D, delta_bias (di,).
-    chunk is the number of steps per tile and between saved states (a power of two); block_d the
-    channels per program; num_warps the warps per program (forward, and bwd_* for the backward).
+    chunk is the forward's steps per tile, bwd_chunk the backward's (both powers of two, chunk
+    dividing bwd_chunk; the forward saves the state every bwd_chunk steps); block_d the channels per
+    program; num_warps the warps per program (forward, and bwd_* for the backward).
     Returns: out (b, di, l) in u's dtype, and last_state (b, di, n) fp32 if return_last_state.
     """
-    config = {"fwd": (chunk, block_d, num_warps), "bwd": (bwd_block_d, bwd_num_warps)}
+    assert bwd_chunk % chunk == 0, "the backward's chunks must start at saved states"
+    config = {"fwd": (chunk, block_d, num_warps), "bwd": (bwd_chunk, bwd_block_d, bwd_num_warps)}
     out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, config)
     return (out, last) if return_last_state else out
 

@@ -66,7 +66,7 @@ def test_scan_matches_reference(case, dtype):
     rtol, atol = TOL[dtype]
     leaves = make_inputs(b, di, l, n, g, dtype, has_z, has_bias, seed=hash(case) % 1000)
     twin = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
-    config = dict(chunk=chunk, block_d=4, bwd_block_d=4) if chunk else {}
+    config = dict(chunk=chunk, block_d=4, bwd_chunk=2 * chunk, bwd_block_d=2) if chunk else {}
     out, last = selective_scan_triton(**scan_args(leaves, g), delta_softplus=has_bias, return_last_state=True,
                                       **config)
     out_ref, last_ref = selective_scan_ref(**scan_args(twin, g), delta_softplus=has_bias, return_last_state=True)
