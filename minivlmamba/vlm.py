@@ -8,6 +8,8 @@ reads the image and the prompt once (the prefill) and then carries a constant-si
 token costs the same, however long the conversation.
 """
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,6 +31,7 @@ class VLMamba(nn.Module):
         self.connector = Connector(cfg.connector, cfg.vision.width, cfg.lm.d_model, cfg.vision.grid, cfg.scan,
                                    cfg.vss_d_state, cfg.vss_expand, cfg.lm.scan_backend)
         self.lm = MambaLM(cfg.lm)
+        self.decoders = {}  # CUDA-graph decode steps by (batch size, device, dtype), captured on first use
 
     def embed(self, pixel_values, input_ids):
         """pixel_values (b, 3, H, W), input_ids (b, l) -> inputs_embeds (b, p + l, d): image first."""
@@ -57,28 +60,78 @@ class VLMamba(nn.Module):
         return self.lm.lm_head(hidden[:, -1])
 
     @torch.inference_mode()
-    def extend(self, input_ids, cache: InferenceCache):
+    def extend(self, input_ids, cache: InferenceCache, cuda_graph=True):
         """Read more text (b, l) on top of the cached state, one token at a time; returns the last logits."""
+        step = self.stepper(cache, cuda_graph)
         for i in range(input_ids.shape[1]):
-            logits = self.lm.step(input_ids[:, i], cache)
-        return logits
+            logits = step(input_ids[:, i])
+        return logits.clone()  # a graph's output buffer is rewritten by its next replay
+
+    def stepper(self, cache: InferenceCache, cuda_graph=True):
+        """The one-token step on `cache`: input_ids (b,) -> logits (b, v).
+
+        On CUDA (unless cuda_graph is False) a replay of the fused step's CUDA graph, captured once
+        per batch size (generate.py); otherwise the readable `MambaLM.step`, the CPU path.
+        """
+        if not (cuda_graph and cache.ssm_state.is_cuda):
+            return functools.partial(self.lm.step, cache=cache)
+        from minivlmamba.generate import CudaGraphDecoder  # here: Triton is loaded only for the GPU path
+        weight = self.lm.backbone.embedding.weight
+        key = (cache.ssm_state.shape[1], weight.device, weight.dtype)
+        if key not in self.decoders:  # a model moved to another device or dtype drops its old graphs
+            self.decoders = {k: v for k, v in self.decoders.items() if k[1:] == key[1:]}
+            self.decoders[key] = CudaGraphDecoder(self.lm, key[0])
+        return self.decoders[key].bind(cache)
 
     @torch.inference_mode()
-    def generate(self, logits, cache: InferenceCache, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0):
-        """Yield new token ids (b,) one at a time, starting from the prefill's logits (b, v).
+    def generate(self, logits, cache: InferenceCache, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
+                 cuda_graph=True):
+        """Yield new token ids (b,) one at a time, on the CPU, starting from the prefill's logits (b, v).
 
-        Every yielded token has already been read into the cache, the final end-of-text too, so a
-        conversation can go on from where the answer stopped. Stops when all sequences hit end-of-text.
+        Every yielded token has already been read into the cache (queued, on a GPU), the final
+        end-of-text too, so a conversation can go on from where the answer stopped. Stops when all
+        sequences hit end-of-text; a finished sequence yields (and reads) end-of-text until then.
+        Sampling stays on the device; each token is copied to the host for streaming while the GPU
+        already runs the step that reads it, so the host never holds the GPU up.
         """
+        step = self.stepper(cache, cuda_graph)
         done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         for _ in range(max_new_tokens):
             token = sample(logits[:, :self.cfg.lm.vocab_size], temperature, top_k, top_p)  # (b,)
             token = torch.where(done, EOT_ID, token)
-            logits = self.lm.step(token, cache)
-            yield token
             done |= token == EOT_ID
-            if done.all():
+            on_host = token.to("cpu", non_blocking=True)  # a no-op on the CPU
+            copied = torch.cuda.Event() if token.is_cuda else None
+            if copied:
+                copied.record()  # after the copy, before the step
+            logits = step(token)
+            if copied:
+                copied.synchronize()  # wait for the token, not for the step
+            yield on_host
+            if (on_host == EOT_ID).all():
                 return
+
+    @torch.inference_mode()
+    def generate_batch(self, pixel_values, prompts, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
+                       cuda_graph=True):
+        """Answer b prompts of any lengths together: pixel_values (b, 3, H, W) and b lists of token ids
+        -> b lists of new token ids, each up to (not including) its end-of-text.
+
+        A Mamba has no attention mask to hide padding from, so each prompt is prefilled alone, straight
+        into its own row of one batch cache (exact, whatever the lengths); the rows then decode
+        together, one pass over the weights per step for all b.
+        """
+        cache = self.lm.allocate_cache(len(prompts), device=pixel_values.device)
+        logits = torch.cat([
+            self.prefill(pixel_values[i:i + 1], torch.tensor([ids], device=pixel_values.device),
+                         InferenceCache(cache.conv_state[:, i:i + 1], cache.ssm_state[:, i:i + 1]))  # views of row i
+            for i, ids in enumerate(prompts)])  # (b, v)
+        answers = [[] for _ in prompts]
+        for token in self.generate(logits, cache, max_new_tokens, temperature, top_k, top_p, cuda_graph):
+            for answer, t in zip(answers, token.tolist()):
+                if t != EOT_ID:  # after its end-of-text a sequence yields only end-of-text
+                    answer.append(t)
+        return answers
 
 
 def sample(logits, temperature=0.0, top_k=0, top_p=1.0):

@@ -1,0 +1,217 @@
+"""Fast generation on a GPU: the one-token decode step, fused, and captured in a CUDA graph.
+
+Shape legend: b batch, d model width, di inner width (expand * d), n SSM state size, r dt rank,
+v (padded) vocabulary.
+
+At batch 1 a decode step of Mamba-2.8B reads every one of its 5.55 GB of weights once and does
+almost no arithmetic, so its floor is the weight bytes over the memory bandwidth (1.8 ms on an
+H100). Two things stand between the readable `MambaLM.step` and that floor:
+- launches: its ~25 small PyTorch ops per layer (1,600 per token) each cost the CPU several
+  microseconds to launch, longer than the GPU needs to run them. A CUDA graph records the whole
+  step once; a replay then launches all of its kernels with one call.
+- small kernels: even inside a graph each kernel costs ~2 us of start and drain. The norms, the
+  conv, dt_proj and the gating between the matrix-vector products would cost as much as the
+  products themselves.
+`fused_step` computes the same function as `MambaLM.step` in six kernels per layer: the three
+large matrix-vector products by cuBLAS (in_proj, x_proj, out_proj; near the bandwidth) and three
+Triton kernels for everything in between:
+    add_rmsnorm  residual += previous mixer output, then RMSNorm           (upstream: fused_add_norm)
+    conv_step    shift the conv window by one input, depthwise conv, SiLU  (upstream: causal_conv1d_update)
+    ssm_step     dt_proj + softplus, state update, C . h + D x, * silu(z)  (upstream: selective_state_update)
+The state and every sum stay in fp32; activations are stored in the weights' dtype as in the
+readable step, so the two agree to rounding (tests/test_generate.py).
+
+`CudaGraphDecoder` captures the step for one batch size against a static cache and a static buffer
+of token ids: each new token is one `graph.replay()`. The prefill stays eager: a whole prompt is a
+few large kernels already.
+
+Official implementation: mamba_ssm/utils/generation.py (`update_graph_cache`, `capture_graph`).
+We differ in fusing the step ourselves and in letting any cache borrow the graph's state (`bind`).
+"""
+
+import functools
+import weakref
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from minivlmamba.mamba import InferenceCache, MambaLM
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, res_out_ptr, out_ptr, D, eps,
+                        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """One row: residual_out = residual + x (fp32), out = rmsnorm(residual_out) * w."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    res = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
+    if HAS_RESIDUAL:
+        res += tl.load(res_ptr + row * D + cols, mask=mask, other=0.0)
+    tl.store(res_out_ptr + row * D + cols, res, mask=mask)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    out = res * tl.rsqrt(tl.sum(res * res, axis=0) / D + eps) * w
+    tl.store(out_ptr + row * D + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_step_kernel(xz_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, DI, s_xb, s_sb, s_sd, s_sk,
+                      K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """BLOCK_D channels of one row: window <- (window[1:], x); out = silu(window . w + bias)."""
+    d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    pid_b = tl.program_id(1).to(tl.int64)
+    md = d < DI
+    window = state_ptr + pid_b * s_sb + d * s_sd
+    acc = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32)  # (BLOCK_D,)
+    for k in tl.static_range(K):  # slot k takes slot k + 1; each channel stays in one thread, so
+        if k < K - 1:             # every slot is read before it is overwritten
+            v = tl.load(window + (k + 1) * s_sk, mask=md, other=0.0)
+        else:
+            v = tl.load(xz_ptr + pid_b * s_xb + d, mask=md, other=0.0)  # the new input x
+        tl.store(window + k * s_sk, v, mask=md)
+        acc += v.to(tl.float32) * tl.load(w_ptr + d * K + k, mask=md, other=0.0).to(tl.float32)
+    out = acc * tl.sigmoid(acc)
+    tl.store(out_ptr + pid_b * DI + d, out.to(out_ptr.dtype.element_ty), mask=md)
+
+
+@triton.jit
+def _ssm_step_kernel(state_ptr, x_ptr, xz_ptr, dbc_ptr, dtw_ptr, dtb_ptr, A_log_ptr, D_ptr, out_ptr,
+                     DI, R, N, s_hb, s_hd, s_hn, s_xzb, s_dbcb,
+                     BLOCK_D: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr):
+    """BLOCK_D channels of one row: delta = softplus(W_dt dt + bias), h = exp(delta A) h + delta B x,
+    out = (C . h + D x) * silu(z). RP, NP: r and n rounded up to powers of two."""
+    d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    pid_b = tl.program_id(1).to(tl.int64)
+    r, n = tl.arange(0, RP), tl.arange(0, NP)
+    md, mr, mn = d < DI, r < R, n < N
+    mdn = md[:, None] & mn[None, :]  # (BLOCK_D, NP)
+    dbc = dbc_ptr + pid_b * s_dbcb  # this row of x_proj's output: dt (r), B (n), C (n)
+    dt = tl.load(dbc + r, mask=mr, other=0.0).to(tl.float32)  # (RP,)
+    w_dt = tl.load(dtw_ptr + d[:, None] * R + r[None, :], mask=md[:, None] & mr[None, :], other=0.0)
+    delta = tl.sum(w_dt.to(tl.float32) * dt[None, :], axis=1)  # (BLOCK_D,): dt_proj, fused
+    delta += tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)
+    delta = tl.where(delta <= 20.0, tl.log(1.0 + tl.exp(delta)), delta)  # softplus, as F.softplus
+    Bv = tl.load(dbc + R + n, mask=mn, other=0.0).to(tl.float32)  # (NP,)
+    Cv = tl.load(dbc + R + N + n, mask=mn, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + pid_b * DI + d, mask=md, other=0.0).to(tl.float32)  # (BLOCK_D,)
+    z = tl.load(xz_ptr + pid_b * s_xzb + DI + d, mask=md, other=0.0).to(tl.float32)
+    A = -tl.exp(tl.load(A_log_ptr + d[:, None] * N + n[None, :], mask=mdn, other=0.0).to(tl.float32))
+    h_ptrs = state_ptr + pid_b * s_hb + d[:, None] * s_hd + n[None, :] * s_hn
+    h = tl.load(h_ptrs, mask=mdn, other=0.0)  # (BLOCK_D, NP) fp32
+    h = tl.exp(delta[:, None] * A) * h + (delta * x)[:, None] * Bv[None, :]
+    tl.store(h_ptrs, h, mask=mdn)
+    y = tl.sum(h * Cv[None, :], axis=1) + tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32) * x
+    y *= z * tl.sigmoid(z)
+    tl.store(out_ptr + pid_b * DI + d, y.to(out_ptr.dtype.element_ty), mask=md)
+
+
+def add_rmsnorm(x, residual, norm):
+    """x (b, d), residual (b, d) fp32 or None (the first layer) -> (rmsnorm(residual + x) in the
+    norm weight's dtype, residual + x in fp32): the block's residual add and the next block's norm."""
+    b, d = x.shape
+    out = torch.empty(b, d, device=x.device, dtype=norm.weight.dtype)
+    residual_out = torch.empty(b, d, device=x.device, dtype=torch.float32)
+    _add_rmsnorm_kernel[(b,)](x, x if residual is None else residual, norm.weight, residual_out, out, d, norm.eps,
+                              HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(d), num_warps=8)
+    return out, residual_out
+
+
+def conv_step(xz, conv_state, conv1d):
+    """xz (b, 2di) (x, then z), conv_state (b, di, d_conv) updated in place -> silu(conv) (b, di)."""
+    b, di, k = conv_state.shape
+    out = torch.empty(b, di, device=xz.device, dtype=xz.dtype)
+    block_d = 128
+    _conv_step_kernel[(triton.cdiv(di, block_d), b)](xz, conv_state, conv1d.weight, conv1d.bias, out, di,
+                                                     xz.stride(0), *conv_state.stride(), K=k, BLOCK_D=block_d,
+                                                     num_warps=4)
+    return out
+
+
+def ssm_step(ssm_state, x, xz, dt_B_C, mixer):
+    """One step of the selective SSM with dt_proj fused in; ssm_state (b, di, n) fp32 updated in place.
+
+    x (b, di) the conv output, xz (b, 2di) in_proj's output (z is its second half), dt_B_C (b, r + 2n)
+    x_proj's output -> y (b, di) in x's dtype.
+    """
+    b, di, n = ssm_state.shape
+    r = mixer.dt_proj.weight.shape[1]
+    out = torch.empty_like(x)
+    block_d = 16
+    _ssm_step_kernel[(triton.cdiv(di, block_d), b)](
+        ssm_state, x, xz, dt_B_C, mixer.dt_proj.weight, mixer.dt_proj.bias, mixer.A_log, mixer.D, out,
+        di, r, n, *ssm_state.stride(), xz.stride(0), dt_B_C.stride(0),
+        BLOCK_D=block_d, RP=triton.next_power_of_2(r), NP=triton.next_power_of_2(n), num_warps=4)
+    return out
+
+
+def fused_step(lm: MambaLM, input_ids, cache: InferenceCache):
+    """The same function as `MambaLM.step` (input_ids (b,) -> logits (b, v)), six kernels a layer."""
+    x = lm.backbone.embedding(input_ids)  # (b, d)
+    residual = None
+    for i, block in enumerate(lm.backbone.layers):
+        mixer = block.mixer
+        h, residual = add_rmsnorm(x, residual, block.norm)  # (b, d) each
+        xz = F.linear(h, mixer.in_proj.weight)  # (b, 2di)
+        x = conv_step(xz, cache.conv_state[i], mixer.conv1d)  # (b, di)
+        dt_B_C = F.linear(x, mixer.x_proj.weight)  # (b, r + 2n)
+        y = ssm_step(cache.ssm_state[i], x, xz, dt_B_C, mixer)  # (b, di)
+        x = F.linear(y, mixer.out_proj.weight)  # (b, d)
+    h, _ = add_rmsnorm(x, residual, lm.backbone.norm_f)
+    return lm.lm_head(h)  # (b, v)
+
+
+class CudaGraphDecoder:
+    """The decode step of `lm` at one batch size, captured once as a CUDA graph.
+
+    A graph replays the very same kernels on the very same memory: it reads token ids from
+    `self.input_ids` (b,), reads and writes the state in `self.cache`, and leaves the next-token
+    logits in `self.logits` (b, v). A caller's cache borrows these buffers with `bind`: its state
+    moves in and from then on lives there, and the cache that held them before gets a copy of its
+    own back, so any number of caches of this batch size can take turns.
+
+    fused=False captures the readable `MambaLM.step` instead (the baseline in bench.py).
+    """
+
+    def __init__(self, lm: MambaLM, batch_size, fused=True):
+        step = functools.partial(fused_step, lm) if fused else lm.step
+        self.owner = None  # a weak reference to the cache that holds our buffers now
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors: a cache may be used outside inference mode
+            self.cache = lm.allocate_cache(batch_size)
+            self.input_ids = torch.zeros(batch_size, dtype=torch.long, device=self.cache.ssm_state.device)
+            side = torch.cuda.Stream()  # warm up off the main stream, as capture requires:
+            side.wait_stream(torch.cuda.current_stream())  # compile the kernels, create the cuBLAS handle
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    step(self.input_ids, self.cache)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = step(self.input_ids, self.cache)  # recorded, not run
+            self.cache.conv_state.zero_()  # forget the warm-up: the decoder starts as an empty cache
+            self.cache.ssm_state.zero_()
+
+    def __call__(self, input_ids):
+        """input_ids (b,) -> logits (b, v) of the next token; the buffer is rewritten by the next call."""
+        self.input_ids.copy_(input_ids)
+        self.graph.replay()
+        return self.logits
+
+    def bind(self, cache: InferenceCache):
+        """Make `cache` use the graph's state buffers (its state moves in); returns self."""
+        static = self.cache
+        if cache.ssm_state is static.ssm_state:
+            return self
+        if cache.ssm_state.shape != static.ssm_state.shape:
+            raise ValueError(f"a cache of shape {tuple(cache.ssm_state.shape)} cannot use a decoder of "
+                             f"{tuple(static.ssm_state.shape)}")
+        with torch.inference_mode(False), torch.no_grad():
+            previous = self.owner and self.owner()
+            if previous is not None:  # the last borrower keeps its state, in memory of its own
+                previous.conv_state, previous.ssm_state = static.conv_state.clone(), static.ssm_state.clone()
+            static.conv_state.copy_(cache.conv_state)
+            static.ssm_state.copy_(cache.ssm_state)
+        cache.conv_state, cache.ssm_state = static.conv_state, static.ssm_state
+        self.owner = weakref.ref(cache)
+        return self

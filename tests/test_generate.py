@@ -1,0 +1,149 @@
+"""Generation: decoding == full forward at every position, batched == one at a time, sampling rules,
+the fused step == the readable step, and CUDA-graph replay == eager decoding (GPU only).
+
+Without CUDA the fused step's Triton kernels run in Triton's interpreter on the CPU.
+"""
+
+import dataclasses
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+
+import pytest
+
+from minivlmamba import MambaConfig, MambaLM, VLMamba, preset
+from minivlmamba.generate import CudaGraphDecoder, fused_step
+from minivlmamba.vlm import EOT_ID, sample
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def tiny_vlm(seed=0, device="cpu"):
+    torch.manual_seed(seed)
+    cfg = preset("tiny")
+    cfg.lm = dataclasses.replace(cfg.lm, vocab_size=50)
+    return VLMamba(cfg).eval().to(device)
+
+
+def test_lm_steps_from_an_empty_cache_equal_full_forward_at_every_position():
+    torch.manual_seed(0)
+    lm = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=50, d_state=5)).eval()
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        full = lm(ids)  # (b, l, v)
+        cache = lm.allocate_cache(2)  # no prefill at all: the zero state is the empty context
+        stepped = torch.stack([lm.step(ids[:, t], cache) for t in range(9)], 1)
+    torch.testing.assert_close(stepped, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vlm_generation_is_the_full_forward_argmax_and_leaves_every_token_in_the_cache(seed):
+    model = tiny_vlm(seed)
+    pixel_values, prompt = torch.randn(1, 3, 48, 48), torch.randint(2, 50, (1, 4))
+    cache = model.lm.allocate_cache(1)
+    tokens = torch.stack(list(model.generate(model.prefill(pixel_values, prompt, cache), cache, 8)), 1)  # (1, t)
+    more = torch.tensor([[7, 7]])  # read after the answer; full[:, -1] (predicting the second) follows the first
+    with torch.no_grad():
+        full, _ = model(pixel_values, torch.cat([prompt, tokens, more], 1))  # logits[:, i] predicts token i
+    assert torch.equal(full[:, 4:4 + tokens.shape[1]].argmax(-1), tokens)  # every new token is the greedy choice
+    torch.testing.assert_close(model.extend(more[:, :1], cache), full[:, -1], rtol=1e-4, atol=1e-4)  # the cache is whole
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_batched_generation_equals_one_at_a_time(seed):
+    model = tiny_vlm(seed)
+    pixel_values = torch.randn(3, 3, 48, 48)
+    prompts = [[5, 7, 9, 11, 13, 15, 17, 19, 21], [3], [8, 6, 4, 2, 30]]  # shorter and longer than the conv window
+    batched = model.generate_batch(pixel_values, prompts, max_new_tokens=12)
+    for i, ids in enumerate(prompts):
+        cache = model.lm.allocate_cache(1)
+        logits = model.prefill(pixel_values[i:i + 1], torch.tensor([ids]), cache)
+        alone = [t.item() for t in model.generate(logits, cache, max_new_tokens=12)]
+        assert batched[i] == [t for t in alone if t != EOT_ID]
+
+
+def test_sampling_rules():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    greedy = logits.argmax(-1)
+    assert torch.equal(sample(logits), greedy)
+    assert torch.equal(sample(logits, temperature=1.0, top_k=1), greedy)
+    assert torch.equal(sample(logits, temperature=1.0, top_p=1e-6), greedy)  # the nucleus is the top token alone
+    top3 = logits.topk(3).indices
+    for _ in range(20):
+        token = sample(logits, temperature=2.0, top_k=3)
+        assert (top3 == token[:, None]).any(-1).all()
+    peaked = torch.tensor([[4.0, 0.0, 0.0, 0.0]])  # p(0) = 0.95: top_p 0.9 keeps token 0 only
+    assert all(sample(peaked, temperature=1.0, top_p=0.9).item() == 0 for _ in range(20))
+
+
+def test_generation_stops_at_end_of_text_and_never_samples_padding_rows():
+    model = tiny_vlm()
+    pixel_values, prompt = torch.randn(2, 3, 48, 48), torch.randint(2, 50, (2, 3))
+    top = model.prefill(pixel_values, prompt, model.lm.allocate_cache(2))[0].argmax()
+    with torch.no_grad():
+        model.lm.lm_head.weight[50:] = 100 * model.lm.lm_head.weight[top]  # the padding rows (ids >= vocab_size)
+    cache = model.lm.allocate_cache(2)
+    logits = model.prefill(pixel_values, prompt, cache)
+    assert logits[0].argmax() >= 50  # ... now win the argmax
+    tokens = list(model.generate(logits, cache, 30, temperature=1.5))
+    assert all((t < 50).all() for t in tokens)
+    with torch.no_grad():
+        model.lm.lm_head.weight.zero_()  # all logits equal: argmax takes the first, end-of-text; one step and done
+    cache = model.lm.allocate_cache(2)
+    assert [t.tolist() for t in model.generate(model.prefill(pixel_values, prompt, cache), cache, 30)] == [[0, 0]]
+
+
+def test_fused_step_equals_readable_step():
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=24, n_layer=2, vocab_size=50, d_state=5, dt_rank=3)  # n, r not powers of two
+    lm = MambaLM(cfg).eval().to(DEVICE)
+    ids = torch.randint(0, 50, (2, 10), device=DEVICE)
+    with torch.no_grad():
+        cache = lm.allocate_cache(2)
+        lm(ids[:, :5], cache=cache)  # prefill
+        twin = lm.allocate_cache(2)
+        twin.conv_state.copy_(cache.conv_state)
+        twin.ssm_state.copy_(cache.ssm_state)
+        for t in range(5, 10):
+            torch.testing.assert_close(fused_step(lm, ids[:, t], cache), lm.step(ids[:, t], twin), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cache.conv_state, twin.conv_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.ssm_state, twin.ssm_state, rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda
+def test_cuda_graph_generation_equals_eager():
+    model = tiny_vlm(device="cuda")
+    pixel_values, prompt = torch.randn(2, 3, 48, 48, device="cuda"), torch.randint(2, 50, (2, 5), device="cuda")
+    caches, runs = {}, {}
+    for cuda_graph in (False, True):
+        cache = caches[cuda_graph] = model.lm.allocate_cache(2)
+        logits = model.prefill(pixel_values, prompt, cache)
+        runs[cuda_graph] = torch.stack(list(model.generate(logits, cache, 20, cuda_graph=cuda_graph)), 1)
+    assert torch.equal(runs[True], runs[False])
+    torch.testing.assert_close(caches[True].ssm_state, caches[False].ssm_state, rtol=1e-4, atol=1e-4)
+    more = torch.randint(2, 50, (2, 3), device="cuda")
+    torch.testing.assert_close(model.extend(more, caches[True]), model.extend(more, caches[False], cuda_graph=False),
+                               rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda
+def test_caches_take_turns_on_one_graph():
+    """Two conversations alternate on one decoder: each keeps its own state, as in eager decoding."""
+    torch.manual_seed(0)
+    lm = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=50)).eval().cuda()
+    decoder = CudaGraphDecoder(lm, 1)
+    ids = torch.randint(0, 50, (2, 6), device="cuda")
+    with torch.no_grad():
+        graph_caches = [lm.allocate_cache(1) for _ in range(2)]
+        eager_caches = [lm.allocate_cache(1) for _ in range(2)]
+        for t in range(6):
+            for i in range(2):
+                logits = decoder.bind(graph_caches[i])(ids[i, t:t + 1])
+                torch.testing.assert_close(logits, lm.step(ids[i, t:t + 1], eager_caches[i]), rtol=1e-4, atol=1e-4)
+    for graph_cache, eager_cache in zip(graph_caches, eager_caches):
+        torch.testing.assert_close(graph_cache.ssm_state, eager_cache.ssm_state, rtol=1e-4, atol=1e-4)
