@@ -35,6 +35,7 @@ parser.add_argument("-p", "--prompt", help="ask one question, print the answer a
 parser.add_argument("--questions", help="question file (JSONL: question_id, image, text) to answer in batch")
 parser.add_argument("--answers", help="answers file (JSONL) to write; an interrupted one is resumed")
 parser.add_argument("--image-folder", default=".", help="folder the question file's images are relative to")
+parser.add_argument("--batch-size", type=int, default=8, help="questions of --questions decoded together")
 parser.add_argument("--max-new-tokens", type=int, default=128)
 parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
 parser.add_argument("--top-k", type=int, default=0)
@@ -136,6 +137,8 @@ def answer_file(model, tokenizer):
     """Answer every question of --questions into --answers (LLaVA's model_vqa format), resuming."""
     if not args.answers:
         raise UserError("--questions needs --answers FILE")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
     questions = read_questions(args.questions)
     folder = Path(args.image_folder).resolve()
     if not folder.is_dir():
@@ -152,20 +155,28 @@ def answer_file(model, tokenizer):
     print(f"{len(questions)} questions, {len(done)} already answered, {len(todo)} to go", file=sys.stderr)
     skipped, t0 = 0, time.time()
     with open(answers, "a") as out:
-        for i, q in enumerate(todo, 1):
-            try:
-                image_path = (folder / q.get("image", "")).resolve()
-                if not image_path.is_relative_to(folder):
-                    raise UserError(f"{q['image']}: outside the image folder")
-                chat = Conversation(model, tokenizer, load_image(image_path))
-            except UserError as e:
-                skipped += 1
-                print(f"skipped question {q['question_id']}: {e}", file=sys.stderr)
-                continue
-            text = "".join(chat.ask(q["text"])).strip()
-            out.write(json.dumps(dict(question_id=q["question_id"], prompt=q["text"], text=text,
-                                      answer_id=uuid.uuid4().hex, model_id=Path(args.ckpt).name, metadata={})) + "\n")
-            out.flush()
+        for start in range(0, len(todo), args.batch_size):
+            batch = []  # (question, Conversation) pairs whose image loaded
+            for q in todo[start:start + args.batch_size]:
+                try:
+                    image_path = (folder / q.get("image", "")).resolve()
+                    if not image_path.is_relative_to(folder):
+                        raise UserError(f"{q['image']}: outside the image folder")
+                    batch.append((q, Conversation(model, tokenizer, load_image(image_path))))
+                except UserError as e:
+                    skipped += 1
+                    print(f"skipped question {q['question_id']}: {e}", file=sys.stderr)
+            if batch:
+                pixel_values = torch.cat([chat.pixel_values for _, chat in batch])  # (b, 3, H, W)
+                prompts = [chat.prompt_ids(q["text"])[0].tolist() for q, chat in batch]
+                replies = model.generate_batch(pixel_values, prompts, args.max_new_tokens, args.temperature,
+                                               args.top_k, args.top_p)
+                for (q, _), reply in zip(batch, replies):
+                    out.write(json.dumps(dict(question_id=q["question_id"], prompt=q["text"],
+                                              text=tokenizer.decode(reply).strip(), answer_id=uuid.uuid4().hex,
+                                              model_id=Path(args.ckpt).name, metadata={})) + "\n")
+                out.flush()
+            i = min(start + args.batch_size, len(todo))
             eta = (time.time() - t0) / i * (len(todo) - i)
             print(f"\r{i}/{len(todo)} answered, {skipped} skipped, ETA {eta:.0f} s", end="", file=sys.stderr, flush=True)
     print(f"\nwrote {answers} ({skipped} questions skipped)", file=sys.stderr)
