@@ -25,7 +25,7 @@ CHUNK steps of its (channel, 4 states): the scan along the chunk then runs insid
 shuffles, and the sum over n needs only two shuffle rounds. Each program also issues the next
 chunk's loads before computing the current one, so memory latency hides behind the arithmetic.
 
-Backward. Its programs own BLOCK_D channels (1 by default) and walk chunks of bwd_chunk steps in
+Backward. Its programs own BLOCK_D channels (2 by default) and walk chunks of bwd_chunk steps in
 reverse, with the tile laid out (BLOCK_D, CHUNK) as in the official CUDA kernel: the steps spread
 over the lanes (8 consecutive steps per thread), the channels inside each thread, and a loop over the
 state index n. Per chunk and state k, the program recomputes a_t and h_t from the saved h0
@@ -142,7 +142,7 @@ def _scan_fwd_kernel(
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, h0_ptr, carry_ptr,
     du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
-    DI, L, N, GROUP, G,
+    DI, L, LP, N, GROUP, G,
     s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_ob, s_od,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
@@ -160,7 +160,7 @@ def _scan_bwd_kernel(
     g_row = (pid_b * DI + d[:, None]) * L  # (BLOCK_D, 1) offsets into du, ddelta, dz
     B_row = B_ptr + pid_b * s_Bb + grp * s_Bg  # B_t[k] at B_row + k s_Bn + t
     C_row = C_ptr + pid_b * s_Cb + grp * s_Cg
-    dBC_row = (pid_b * G + grp) * N * L  # offset of the group's fp32 (n, l) dB and dC
+    dBC_row = (pid_b * G + grp) * N * LP  # the group's fp32 dB, dC: rows of LP >= L (16-byte aligned)
     n_chunks = tl.cdiv(L, CHUNK)
     h0_col = h0_ptr + (pid_b * n_chunks * DI + d) * N  # (BLOCK_D,) state k of chunk c at + c DI N + k
     carry_col = carry_ptr + (pid_b * 2 * DI + d) * N  # (BLOCK_D,) two buffers, DI N apart
@@ -211,7 +211,7 @@ def _scan_bwd_kernel(
             a = tl.exp2(dt * A2)  # (BLOCK_D, CHUNK)
             x = Bk * dtu
             _, h = tl.associative_scan((a, tl.where(first, x + a * h0, x)), axis=1, combine_fn=_compose)
-            tl.atomic_add(dC_ptr + dBC_row + k * L + t, tl.sum(h * dy, axis=0), mask=mt, sem="relaxed")
+            tl.atomic_add(dC_ptr + dBC_row + k * LP + t, tl.sum(h * dy, axis=0), mask=mt, sem="relaxed")
             if HAS_Z:
                 y += Ck * h
 
@@ -221,7 +221,7 @@ def _scan_bwd_kernel(
             _, dh = tl.associative_scan((a1, tl.where(last, g + a1 * dh_in, g)), axis=1, combine_fn=_compose,
                                         reverse=True)
             tl.store(carry_out + k, tl.sum(tl.where(first, dh, 0.0), axis=1), mask=md)  # dh at the first step
-            tl.atomic_add(dB_ptr + dBC_row + k * L + t, tl.sum(dh * dtu, axis=0), mask=mt, sem="relaxed")
+            tl.atomic_add(dB_ptr + dBC_row + k * LP + t, tl.sum(dh * dtu, axis=0), mask=mt, sem="relaxed")
             dhB += dh * Bk
             dh *= h - x  # dh_t a_t h_{t-1}
             dhaA += dh * A
@@ -290,8 +290,9 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chu
     du = torch.empty(b, di, l, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(b, di, l, device=u.device, dtype=delta.dtype)
     dz = torch.empty(b, di, l, device=u.device, dtype=z.dtype) if z is not None else None
-    dB = torch.zeros(b, g, n, l, device=u.device, dtype=torch.float32)
-    dC = torch.zeros(b, g, n, l, device=u.device, dtype=torch.float32)
+    lp = triton.cdiv(l, 16) * 16  # padded rows keep the vector atomics aligned at any l
+    dB = torch.zeros(b, g, n, lp, device=u.device, dtype=torch.float32)
+    dC = torch.zeros(b, g, n, lp, device=u.device, dtype=torch.float32)
     dA = torch.zeros(b, di, n, device=u.device, dtype=torch.float32)  # per-sequence partial sums
     carry = torch.zeros(b, 2, di, n, device=u.device, dtype=torch.float32)  # adjoints between chunks
     dD = torch.empty(b, di, device=u.device, dtype=torch.float32) if D is not None else None
@@ -299,13 +300,13 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chu
     _scan_bwd_kernel[(triton.cdiv(di, block_d), b)](
         u, delta, A, B, C, D, z, delta_bias, dout, h0, carry,
         du, ddelta, dz, dB, dC, dA, dD, dbias,
-        di, l, n, di // g, g,
+        di, l, lp, n, di // g, g,
         *_strides(u, (0, 1)), *_strides(delta, (0, 1)), *_strides(z, (0, 1)),
         *_strides(B, (0, 1, 2)), *_strides(C, (0, 1, 2)), *_strides(dout, (0, 1)),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         BLOCK_D=block_d, CHUNK=chunk, num_warps=num_warps,
     )
-    return (du, ddelta, dA.sum(0), dB.to(B.dtype), dC.to(C.dtype),
+    return (du, ddelta, dA.sum(0), dB[..., :l].to(B.dtype), dC[..., :l].to(C.dtype),
             dD.sum(0) if D is not None else None, dz, dbias.sum(0) if delta_bias is not None else None)
 
 
@@ -340,7 +341,7 @@ class SelectiveScanFn(torch.autograd.Function):
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, chunk=16, block_d=8, num_warps=1,
-                          bwd_chunk=256, bwd_block_d=1, bwd_num_warps=1):
+                          bwd_chunk=256, bwd_block_d=2, bwd_num_warps=1):
     """The selective scan on fused Triton kernels (same arguments and results as selective_scan_ref).
 
     Args: u, delta, z (b, di, l); A (di, n) fp32; B, C (b, n, l) or (b, g, n, l); D, delta_bias (di,).
