@@ -12,10 +12,10 @@ H100). Two things stand between the readable `MambaLM.step` and that floor:
 - small kernels: even inside a graph each kernel costs ~2 us of start and drain. The norms, the
   conv, dt_proj and the gating between the matrix-vector products would cost as much as the
   products themselves.
-`fused_step` computes the same function as `MambaLM.step` in six kernels per layer: the three
-large matrix-vector products by cuBLAS (in_proj, x_proj, out_proj; near the bandwidth) and three
-Triton kernels for everything in between:
-    add_rmsnorm  residual += previous mixer output, then RMSNorm           (upstream: fused_add_norm)
+`fused_step` computes the same function as `MambaLM.step` in five kernels per layer, each of
+which either reads weights at full speed or is too small to matter:
+    linear       norm + in_proj, x_proj, out_proj + residual add: the matrix products (batch 1: ours,
+                 with the RMSNorm and the residual add fused in; batches: cuBLAS)
     conv_step    shift the conv window by one input, depthwise conv, SiLU  (upstream: causal_conv1d_update)
     ssm_step     dt_proj + softplus, state update, C . h + D x, * silu(z)  (upstream: selective_state_update)
 The state and every sum stay in fp32; activations are stored in the weights' dtype as in the
@@ -41,18 +41,33 @@ from minivlmamba.mamba import InferenceCache, MambaLM
 
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, res_out_ptr, out_ptr, D, eps,
-                        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    """One row: residual_out = residual + x (fp32), out = rmsnorm(residual_out) * w."""
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, N, K, eps,
+                 NORM: tl.constexpr, ADD: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr):
+    """Batch 1: out = W x for BLOCK_N rows of W (N, K). NORM: x is the fp32 residual stream, first
+    RMS-normalised (and rounded to W's dtype, as RMSNorm returns it). ADD: out (fp32) += the product."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    k = tl.arange(0, KP)  # (KP,): the whole row at once, every load in flight together
+    mn, mk = n < N, k < K
+    w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=mn[:, None] & mk[None, :], other=0.0)  # (BLOCK_N, KP)
+    x = tl.load(x_ptr + k, mask=mk, other=0.0).to(tl.float32)  # (KP,)
+    if NORM:
+        x *= tl.rsqrt(tl.sum(x * x, axis=0) / K + eps) * tl.load(norm_ptr + k, mask=mk, other=0.0).to(tl.float32)
+        x = x.to(w_ptr.dtype.element_ty).to(tl.float32)
+    y = tl.sum(w.to(tl.float32) * x[None, :], axis=1).to(w_ptr.dtype.element_ty)  # (BLOCK_N,)
+    if ADD:
+        y = tl.load(out_ptr + n, mask=mn, other=0.0) + y.to(tl.float32)
+    tl.store(out_ptr + n, y, mask=mn)
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
+    """One row: out = rmsnorm(x) * w, in fp32, stored in out's dtype."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
-    res = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
-    if HAS_RESIDUAL:
-        res += tl.load(res_ptr + row * D + cols, mask=mask, other=0.0)
-    tl.store(res_out_ptr + row * D + cols, res, mask=mask)
+    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    out = res * tl.rsqrt(tl.sum(res * res, axis=0) / D + eps) * w
+    out = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps) * w
     tl.store(out_ptr + row * D + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -107,15 +122,29 @@ def _ssm_step_kernel(state_ptr, x_ptr, xz_ptr, dbc_ptr, dtw_ptr, dtb_ptr, A_log_
     tl.store(out_ptr + pid_b * DI + d, y.to(out_ptr.dtype.element_ty), mask=md)
 
 
-def add_rmsnorm(x, residual, norm):
-    """x (b, d), residual (b, d) fp32 or None (the first layer) -> (rmsnorm(residual + x) in the
-    norm weight's dtype, residual + x in fp32): the block's residual add and the next block's norm."""
-    b, d = x.shape
-    out = torch.empty(b, d, device=x.device, dtype=norm.weight.dtype)
-    residual_out = torch.empty(b, d, device=x.device, dtype=torch.float32)
-    _add_rmsnorm_kernel[(b,)](x, x if residual is None else residual, norm.weight, residual_out, out, d, norm.eps,
-                              HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(d), num_warps=8)
-    return out, residual_out
+def linear(x, weight, norm=None, residual=None):
+    """The step's matrix products: x (b, k) -> x @ weight.T (b, n) in weight's dtype.
+
+    norm: an RMSNorm to apply to x (then the fp32 residual stream) first. residual (b, n) fp32: add
+    the product into it, in place, and return it. At batch 1 these are matrix-vector products, which
+    cuBLAS runs well under the bandwidth (notes/generation.md): our kernel reads a whole row of
+    `weight` per program, all loads in flight at once, and fuses the norm and the add. Batches go
+    to cuBLAS, which then reads each weight once for all rows.
+    """
+    b, k = x.shape
+    if b > 1:
+        if norm is not None:
+            h = torch.empty(b, k, device=x.device, dtype=norm.weight.dtype)
+            _rmsnorm_kernel[(b,)](x, norm.weight, h, k, norm.eps, BLOCK=triton.next_power_of_2(k), num_warps=8)
+            x = h
+        return F.linear(x, weight) if residual is None else residual.add_(F.linear(x, weight))
+    n, kp = weight.shape[0], triton.next_power_of_2(k)
+    block_n, warps = (1, 4) if kp <= 4096 else (2, 8)
+    out = torch.empty(1, n, device=x.device, dtype=weight.dtype) if residual is None else residual
+    _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, out, x if norm is None else norm.weight, n, k,
+                                             0.0 if norm is None else norm.eps, NORM=norm is not None,
+                                             ADD=residual is not None, BLOCK_N=block_n, KP=kp, num_warps=warps)
+    return out
 
 
 def conv_step(xz, conv_state, conv1d):
@@ -147,19 +176,16 @@ def ssm_step(ssm_state, x, xz, dt_B_C, mixer):
 
 
 def fused_step(lm: MambaLM, input_ids, cache: InferenceCache):
-    """The same function as `MambaLM.step` (input_ids (b,) -> logits (b, v)), six kernels a layer."""
-    x = lm.backbone.embedding(input_ids)  # (b, d)
-    residual = None
+    """The same function as `MambaLM.step` (input_ids (b,) -> logits (b, v)), five kernels a layer."""
+    residual = lm.backbone.embedding(input_ids).float()  # (b, d): the residual stream
     for i, block in enumerate(lm.backbone.layers):
         mixer = block.mixer
-        h, residual = add_rmsnorm(x, residual, block.norm)  # (b, d) each
-        xz = F.linear(h, mixer.in_proj.weight)  # (b, 2di)
+        xz = linear(residual, mixer.in_proj.weight, norm=block.norm)  # (b, 2di)
         x = conv_step(xz, cache.conv_state[i], mixer.conv1d)  # (b, di)
-        dt_B_C = F.linear(x, mixer.x_proj.weight)  # (b, r + 2n)
+        dt_B_C = linear(x, mixer.x_proj.weight)  # (b, r + 2n)
         y = ssm_step(cache.ssm_state[i], x, xz, dt_B_C, mixer)  # (b, di)
-        x = F.linear(y, mixer.out_proj.weight)  # (b, d)
-    h, _ = add_rmsnorm(x, residual, lm.backbone.norm_f)
-    return lm.lm_head(h)  # (b, v)
+        linear(y, mixer.out_proj.weight, residual=residual)  # residual += out_proj(y), in place
+    return linear(residual, lm.lm_head.weight, norm=lm.backbone.norm_f)  # (b, v)
 
 
 class CudaGraphDecoder:

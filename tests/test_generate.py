@@ -98,15 +98,16 @@ def test_generation_stops_at_end_of_text_and_never_samples_padding_rows():
     assert [t.tolist() for t in model.generate(model.prefill(pixel_values, prompt, cache), cache, 30)] == [[0, 0]]
 
 
-def test_fused_step_equals_readable_step():
+@pytest.mark.parametrize("batch", [1, 2])  # our matrix-vector kernel, cuBLAS
+def test_fused_step_equals_readable_step(batch):
     torch.manual_seed(0)
     cfg = MambaConfig(d_model=24, n_layer=2, vocab_size=50, d_state=5, dt_rank=3)  # n, r not powers of two
     lm = MambaLM(cfg).eval().to(DEVICE)
-    ids = torch.randint(0, 50, (2, 10), device=DEVICE)
+    ids = torch.randint(0, 50, (batch, 10), device=DEVICE)
     with torch.no_grad():
-        cache = lm.allocate_cache(2)
+        cache = lm.allocate_cache(batch)
         lm(ids[:, :5], cache=cache)  # prefill
-        twin = lm.allocate_cache(2)
+        twin = lm.allocate_cache(batch)
         twin.conv_state.copy_(cache.conv_state)
         twin.ssm_state.copy_(cache.ssm_state)
         for t in range(5, 10):
