@@ -139,7 +139,7 @@ def linear(x, weight, norm=None, residual=None):
             x = h
         return F.linear(x, weight) if residual is None else residual.add_(F.linear(x, weight))
     n, kp = weight.shape[0], triton.next_power_of_2(k)
-    block_n, warps = (1, 4) if kp <= 4096 else (2, 8)
+    block_n, warps = (4, 4) if kp <= 4096 else (2, 8)  # measured best (notes/generation.md)
     out = torch.empty(1, n, device=x.device, dtype=weight.dtype) if residual is None else residual
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, out, x if norm is None else norm.weight, n, k,
                                              0.0 if norm is None else norm.eps, NORM=norm is not None,
