@@ -1,12 +1,16 @@
 """Train VL-Mamba.
 
 With no arguments this trains the `tiny` preset from scratch on the embedded synthetic "shapes"
-visual-QA set, on the CPU, in a few minutes, then reports held-out accuracy per question family:
+visual-QA set, on the CPU, in a few minutes, then reports held-out accuracy per question family.
+With a paper preset and LLaVA data it runs the paper's two-stage recipe on pretrained weights:
 
-    python train.py
-    python train.py --steps 200 --out out/quick          # a shorter run
+    python train.py                                      # tiny, shapes, CPU
     python train.py --resume                             # continue out/tiny exactly where it stopped
-    torchrun --nproc_per_node=2 train.py                 # data-parallel (DDP) on 2 processes
+    python train.py --preset vl-mamba-2.8b --stage 1 --data blip_laion_cc_sbu_558k.json \\
+        --image-folder llava/pretrain --out out/stage1   # align: connector only, `plain` template
+    python train.py --stage 2 --init out/stage1 --data llava_v1_5_mix665k.json \\
+        --image-folder llava/finetune --out out/stage2   # instruct: connector + LM
+    torchrun --nproc_per_node=8 train.py ...             # the same, data-parallel (DDP)
 """
 
 import argparse
@@ -23,22 +27,30 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from minivlmamba import VLMamba, preset, UserError
-from minivlmamba.checkpoint import load_model, save_model, save_train_state
+from minivlmamba import UserError, VLMamba, preset
+from minivlmamba.checkpoint import COMPONENTS, build_model, load_model, save_model, save_train_state
 from minivlmamba.connector import CONNECTORS, SCANS
-from minivlmamba.data import collate, encode_sample
+from minivlmamba.data import LlavaDataset, collate, collate_good, encode_sample
+from minivlmamba.pretrained import load_tokenizer
 from minivlmamba.shapes import FAMILIES, held_out_set, train_tokenizer, training_sample
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--preset", default="tiny", help="model preset (see minivlmamba/config.py)")
 parser.add_argument("--out", default="out/tiny", help="checkpoint folder to write (and --resume from)")
 parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-parser.add_argument("--steps", type=int, default=1500, help="optimizer steps")
-parser.add_argument("--batch-size", type=int, default=64, help="global batch size (split over processes)")
-parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-parser.add_argument("--lr-vision", type=float, default=None, help="vision tower lr (default --lr; 0 = frozen)")
-parser.add_argument("--lr-connector", type=float, default=None, help="connector lr (default --lr; 0 = frozen)")
-parser.add_argument("--lr-lm", type=float, default=None, help="language model lr (default --lr; 0 = frozen)")
+parser.add_argument("--data", help="LLaVA-format JSON file (default: the embedded shapes set)")
+parser.add_argument("--image-folder", default=".", help="folder the data file's images are relative to")
+parser.add_argument("--stage", type=int, choices=[1, 2], default=1, help="1: align (connector), 2: instruct (+ LM)")
+parser.add_argument("--init", help="stage 2: the stage-1 checkpoint folder to start from")
+parser.add_argument("--tokenizer", default="EleutherAI/gpt-neox-20b", help="tokenizer.json folder or repo id (paper presets)")
+parser.add_argument("--steps", type=int, help="optimizer steps (default: 1500 for shapes, 1 epoch of --data)")
+parser.add_argument("--batch-size", type=int, help="global batch (default: 64 shapes, 256 stage 1, 128 stage 2)")
+parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process")
+parser.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 shapes, 1e-3 stage 1, 2e-5 stage 2)")
+parser.add_argument("--lr-vision", type=float, help="vision tower lr (0 = frozen; frozen unless shapes)")
+parser.add_argument("--lr-connector", type=float, help="connector lr (0 = frozen; default --lr)")
+parser.add_argument("--lr-lm", type=float, help="language model lr (0 = frozen; default --lr, frozen in stage 1)")
 parser.add_argument("--warmup", type=float, default=0.03, help="fraction of steps of linear warmup")
 parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--grad-clip", type=float, default=1.0)
@@ -46,10 +58,11 @@ parser.add_argument("--connector", choices=CONNECTORS, help="override the preset
 parser.add_argument("--scan", choices=SCANS, help="override the preset's scan order (bsm or csm)")
 parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
 parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="autocast dtype")
+parser.add_argument("--workers", type=int, default=4, help="data loading processes (--data)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--log-every", type=int, default=50)
 parser.add_argument("--save-every", type=int, default=500)
-parser.add_argument("--eval-per-family", type=int, default=200, help="held-out questions per family")
+parser.add_argument("--eval-per-family", type=int, default=200, help="held-out questions per family (shapes)")
 args = parser.parse_args()
 
 
@@ -63,120 +76,159 @@ def main():
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    master = rank == 0
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
+    master, cuda = rank == 0, device.startswith("cuda")
+    dtype = args.dtype if args.dtype != "auto" else ("bf16" if cuda else "fp32")
     autocast = torch.autocast("cuda", torch.bfloat16) if dtype == "bf16" else nullcontext()
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     log = print if master else (lambda *a, **k: None)
+    shapes = args.data is None
 
-    # ---------------------------------------------------------------- model and tokenizer
+    # ---------------------------------------------------------------- model, tokenizer, recipe
     out = Path(args.out)
     torch.manual_seed(args.seed)
+    state = None
     if args.resume:
         model, tokenizer = load_model(out)
-        state_path = out / "train_state.pt"
-        if not state_path.is_file():
+        if not (out / "train_state.pt").is_file():
             raise UserError(f"{out}: nothing to resume (no train_state.pt)")
-        state = torch.load(state_path, weights_only=True)
-        model.load_state_dict(state["model"])
-        cfg = model.cfg
+        state = torch.load(out / "train_state.pt", weights_only=True)
+        model.load_state_dict(state["model"], strict=False)  # the trained weights, exactly as saved
+    elif args.init:
+        model, tokenizer = load_model(args.init)
     else:
         cfg = preset(args.preset)
-        if args.preset != "tiny":
-            raise UserError(f"preset {args.preset!r} needs pretrained weights and real data (not in this version)")
         cfg.connector, cfg.scan = args.connector or cfg.connector, args.scan or cfg.scan
-        tokenizer = train_tokenizer(cfg.template, vocab_size=cfg.lm.vocab_size)
-        cfg.lm = dataclasses.replace(cfg.lm, vocab_size=tokenizer.get_vocab_size())
-        model, state = VLMamba(cfg), None
+        if args.preset == "tiny":
+            tokenizer = train_tokenizer(cfg.template, vocab_size=cfg.lm.vocab_size)
+            cfg.lm = dataclasses.replace(cfg.lm, vocab_size=tokenizer.get_vocab_size())
+            model = VLMamba(cfg)
+        else:
+            tokenizer = load_tokenizer(args.tokenizer)
+            model = build_model(cfg)
+    cfg = model.cfg
+    if shapes and cfg.vision_path:
+        raise UserError(f"preset {args.preset!r} is trained on LLaVA data: give --data and --image-folder")
+    stage = 0 if shapes else args.stage
+    template = "plain" if stage == 1 else cfg.template  # stage 1 learns captions, not conversations
+    default_lr = {0: 1e-3, 1: 1e-3, 2: 2e-5}[stage]
+    lrs = {part: getattr(args, f"lr_{part}") for part in COMPONENTS}  # per component; 0 = frozen
+    lrs["vision"] = lrs["vision"] if lrs["vision"] is not None else (args.lr or default_lr) * (stage == 0)
+    lrs["lm"] = lrs["lm"] if lrs["lm"] is not None else (args.lr or default_lr) * (stage != 1)
+    lrs["connector"] = lrs["connector"] if lrs["connector"] is not None else (args.lr or default_lr)
+    trained = tuple(part for part in COMPONENTS if lrs[part] > 0)
+    batch_size = args.batch_size or {0: 64, 1: 256, 2: 128}[stage]
+    if batch_size % (world * args.grad_accum):
+        raise UserError(f"--batch-size {batch_size} is not divisible by {world} processes x {args.grad_accum} accumulation")
+    micro = batch_size // (world * args.grad_accum)
+
     model.to(device).train()
     raw_model = model
     if ddp:
-        model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+        model = DDP(model, device_ids=[torch.device(device).index] if cuda else None)
     n_params = sum(p.numel() for p in raw_model.parameters())
-    log(f"model: {args.preset}, {n_params / 1e6:.2f}M parameters, connector {cfg.connector}, scan {cfg.scan}, "
-        f"device {device} x{world}, {dtype}")
+    log(f"model: {args.preset if not (args.resume or args.init) else 'from checkpoint'}, {n_params / 1e6:.2f}M parameters, "
+        f"connector {cfg.connector}, scan {cfg.scan}, training {'+'.join(trained)}, device {device} x{world}, {dtype}")
 
     # ---------------------------------------------------------------- optimizer
-    # Per-component learning rates (0 freezes a component). No weight decay on norms, biases and
-    # the SSM's A_log and D, as upstream Mamba.
+    # No weight decay on norms, biases and the SSM's A_log and D, as upstream Mamba.
+    no_decay = lambda name, p: p.dim() < 2 or name.split(".")[-1] in ("A_log", "A_logs", "D", "Ds")
     groups = []
-    for part in ("vision", "connector", "lm"):
-        lr = getattr(args, f"lr_{part}")
-        lr = args.lr if lr is None else lr
+    for part in COMPONENTS:
         params = list(getattr(raw_model, part).named_parameters())
         for _, p in params:
-            p.requires_grad_(lr > 0)
-        if lr > 0:
-            no_decay = lambda n, p: p.dim() < 2 or n.endswith(("A_log", "A_logs", "D", "Ds"))
-            groups.append(dict(params=[p for n, p in params if not no_decay(n, p)], peak_lr=lr, weight_decay=args.weight_decay))
-            groups.append(dict(params=[p for n, p in params if no_decay(n, p)], peak_lr=lr, weight_decay=0.0))
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=device.startswith("cuda"))
+            p.requires_grad_(part in trained)
+        if part in trained:
+            for decay in (True, False):
+                chosen = [p for n, p in params if no_decay(n, p) != decay]
+                groups.append(dict(params=chosen, peak_lr=lrs[part], weight_decay=args.weight_decay * decay))
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=cuda)
     step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
 
+    # ---------------------------------------------------------------- data
+    # The micro-batch (step, i) of process `rank` is a fixed function of the seed, so a resumed run
+    # sees exactly the batches the interrupted one would have seen, whatever the number of processes.
+    max_text = cfg.max_len - cfg.vision.num_patches
+    if shapes:
+        steps = args.steps or 1500
+
+        def micro_batches(step):
+            for i in range(args.grad_accum):
+                rng = random.Random(f"{args.seed}-{step}-{i}-{rank}")
+                pixels, encoded = [], []
+                for _ in range(micro):
+                    image, turns = training_sample(rng)
+                    pixels.append(raw_model.vision.preprocess([image])[0])
+                    encoded.append(encode_sample(tokenizer, template, turns, max_text))
+                yield collate(pixels, encoded), 0
+    else:
+        dataset = LlavaDataset(args.data, args.image_folder, tokenizer, template, cfg.vision, max_text)
+        steps = args.steps or len(dataset) // batch_size
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        sampler = [order[(s * batch_size + (i * world + rank) * micro + j) % len(dataset)]
+                   for s in range(step, steps) for i in range(args.grad_accum) for j in range(micro)]
+        loader = iter(torch.utils.data.DataLoader(dataset, micro, sampler=sampler, num_workers=args.workers,
+                                                  collate_fn=collate_good, pin_memory=cuda))
+
+        def micro_batches(step):
+            for _ in range(args.grad_accum):
+                yield next(loader)
+
     def lr_factor(step):
         """Linear warmup, then cosine decay to 10% of the peak."""
-        warmup = max(1, int(args.warmup * args.steps))
+        warmup = max(1, int(args.warmup * steps))
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, args.steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    # ---------------------------------------------------------------- data
-    # Batch `step` of process `rank` is generated from its own seed, so a resumed run sees exactly
-    # the batches the interrupted one would have seen.
-    micro = args.batch_size // world
-    max_text = cfg.max_len - cfg.vision.num_patches
-
-    def batch(step):
-        rng = random.Random(f"{args.seed}-{rank}-{step}")
-        pixels, encoded = [], []
-        for _ in range(micro):
-            image, turns = training_sample(rng, max_turns=1)
-            pixels.append(raw_model.vision.preprocess([image])[0])
-            encoded.append(encode_sample(tokenizer, cfg.template, turns, max_text))
-        return [t.to(device) for t in collate(pixels, encoded)]
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(1, steps - warmup), 1.0)))
 
     # ---------------------------------------------------------------- training loop
     def save():
         if master:
-            save_model(out, raw_model, tokenizer)
-            save_train_state(out, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step))
+            save_model(out, raw_model, tokenizer, trained)
+            weights = {k: v for k, v in raw_model.state_dict().items() if k.split(".")[0] in trained}
+            save_train_state(out, dict(model=weights, optimizer=optimizer.state_dict(), step=step))
 
-    t0, tokens, start_step = time.time(), 0, step
-    while step < args.steps:
+    t0, tokens, skipped, start_step = time.time(), 0, 0, step
+    while step < steps:
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * lr_factor(step)
-        pixel_values, input_ids, labels = batch(step)
-        with autocast:
-            _, loss = model(pixel_values, input_ids, labels)
-        if not torch.isfinite(loss):
-            raise UserError(f"step {step}: loss is {loss.item()}; lower --lr or use --dtype fp32")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses = []
+        for batch, bad in micro_batches(step):
+            skipped += bad
+            if batch is None:  # every sample of this micro-batch was bad
+                continue
+            pixel_values, input_ids, labels = (t.to(device, non_blocking=True) for t in batch)
+            with autocast:
+                _, loss = model(pixel_values, input_ids, labels)
+            if not torch.isfinite(loss):
+                raise UserError(f"step {step}: loss is {loss.item()}; lower --lr or use --dtype fp32")
+            (loss / args.grad_accum).backward()
+            losses.append(loss.item())
+            tokens += (input_ids.numel() + pixel_values.shape[0] * cfg.vision.num_patches) * world
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
         optimizer.step()
         step += 1
-        tokens += (input_ids.numel() + pixel_values.shape[0] * cfg.vision.num_patches) * world
-        if step % args.log_every == 0 or step == args.steps:
+        if step % args.log_every == 0 or step == steps:
             elapsed = time.time() - t0
-            eta = elapsed / (step - start_step) * (args.steps - step)
-            log(f"step {step:5d}/{args.steps} | loss {loss.item():.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
-                f"{tokens / elapsed:,.0f} tok/s | ETA {eta / 60:.1f} min")
-        if step % args.save_every == 0 or step == args.steps:
+            eta = elapsed / (step - start_step) * (steps - step)
+            loss = sum(losses) / max(1, len(losses))
+            log(f"step {step:5d}/{steps} | loss {loss:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
+                f"{tokens / elapsed:,.0f} tok/s | ETA {eta / 60:.1f} min" + (f" | {skipped} bad samples skipped" if skipped else ""))
+        if step % args.save_every == 0 or step == steps:
             save()
 
     # ---------------------------------------------------------------- held-out evaluation
-    if master:
+    if master and shapes:
         accuracy = evaluate(raw_model, tokenizer, device, autocast)
         log(f"\n{'family':<10} {'accuracy':>8}")
         for family in FAMILIES:
             log(f"{family:<10} {100 * accuracy[family]:7.1f}%")
         log(f"saved {out}/ ({time.time() - t0:.0f} s)")
         log(f"held-out accuracy: {100 * sum(accuracy.values()) / len(accuracy):.1f}%")
+    elif master:
+        log(f"saved {out}/ ({time.time() - t0:.0f} s, {skipped} bad samples skipped)")
     if ddp:
         dist.destroy_process_group()
 

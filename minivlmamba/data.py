@@ -1,16 +1,18 @@
-"""From files and samples to tensors: safe image loading, tokenized conversations, padded batches.
+"""From files and samples to tensors: safe image loading, LLaVA data, tokenized conversations, batches.
 
 Shape legend: b batch, l text length.
 """
 
+import json
 import warnings
+from pathlib import Path
 
 import torch
 from PIL import Image
 
 from minivlmamba.config import UserError
 from minivlmamba.templates import IGNORE, encode_conversation
-from minivlmamba.vision import to_rgb
+from minivlmamba.vision import preprocess_image, to_rgb
 
 PAD_ID = 1  # <|padding|>
 MAX_IMAGE_PIXELS = 8192 * 8192  # more than this is refused as a possible decompression bomb
@@ -53,3 +55,81 @@ def collate(pixel_values, encoded):
     for i, (ids, lab) in enumerate(encoded):
         input_ids[i, :len(ids)], labels[i, :len(lab)] = ids, lab
     return torch.stack(pixel_values), input_ids, labels
+
+
+class BadSample(Exception):
+    """A sample a long run skips and counts instead of crashing."""
+
+
+def read_llava_json(path) -> list:
+    """LLaVA's training file: a JSON list of {id, image?, conversations: [{from, value}, ...]}."""
+    try:
+        records = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the data file ({e.strerror})") from None
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(records, list) or not records:
+        raise UserError(f"{path}: expected a non-empty JSON list of samples")
+    return records
+
+
+def conversation_turns(record) -> list:
+    """[{from: human, value}, {from: gpt, value}, ...] -> [(question, answer), ...], or BadSample."""
+    turns = record.get("conversations") if isinstance(record, dict) else None
+    if not isinstance(turns, list) or not turns or len(turns) % 2:
+        raise BadSample("conversations must be a non-empty list of human/gpt pairs")
+    pairs = []
+    for human, gpt in zip(turns[0::2], turns[1::2]):
+        ok = all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in (human, gpt))
+        if not ok or human.get("from") != "human" or gpt.get("from") != "gpt":
+            raise BadSample("a turn is not a {from: human|gpt, value} pair in order")
+        pairs.append((human["value"], gpt["value"]))
+    return pairs
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """LLaVA-format samples -> (pixel_values (3, H, W), ids, labels), or None for a bad sample.
+
+    Text-only samples are shown a blank image (the mean colour, zeros after normalisation), so
+    every sequence of a batch has the image tokens in the same place.
+    """
+
+    def __init__(self, json_path, image_folder, tokenizer, template, vision_cfg, max_text_len):
+        self.records = read_llava_json(json_path)
+        self.folder = Path(image_folder).resolve()
+        if not self.folder.is_dir():
+            raise UserError(f"{image_folder}: no such image folder")
+        self.tokenizer, self.template, self.vision_cfg, self.max_text_len = tokenizer, template, vision_cfg, max_text_len
+
+    def __len__(self):
+        return len(self.records)
+
+    def image(self, name):
+        if not isinstance(name, str):
+            raise BadSample("image must be a file name")
+        path = (self.folder / name).resolve()
+        if not path.is_relative_to(self.folder):
+            raise BadSample(f"{name}: outside the image folder")
+        try:
+            return preprocess_image(load_image(path), self.vision_cfg)
+        except UserError as e:
+            raise BadSample(str(e)) from None
+
+    def __getitem__(self, i):
+        record = self.records[i]
+        try:
+            turns = conversation_turns(record)
+            size = self.vision_cfg.image_size
+            pixels = self.image(record["image"]) if "image" in record else torch.zeros(3, size, size)
+        except BadSample:
+            return None
+        return pixels, *encode_sample(self.tokenizer, self.template, turns, self.max_text_len)
+
+
+def collate_good(samples):
+    """A DataLoader collate_fn: drop the bad samples (None), batch the rest, count the dropped."""
+    good = [s for s in samples if s is not None]
+    if not good:
+        return None, len(samples)
+    return collate([s[0] for s in good], [s[1:] for s in good]), len(samples) - len(good)

@@ -125,7 +125,7 @@ def ask(scene, family: str, rng: random.Random):
     raise ValueError(f"unknown family {family!r}")
 
 
-def training_sample(rng: random.Random, max_turns: int = 2):
+def training_sample(rng: random.Random, max_turns: int = 1):
     """A training scene as (image, [(question, answer), ...]) with 1..max_turns questions."""
     scene = make_scene(rng, held_out=False)
     turns = [ask(scene, rng.choice(families_for(scene)), rng) for _ in range(rng.randint(1, max_turns))]

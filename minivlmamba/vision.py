@@ -64,8 +64,9 @@ class Embeddings(nn.Module):
         super().__init__()
         self.patch_embedding = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
         if cfg.class_token:
-            self.class_embedding = nn.Parameter(torch.randn(cfg.width) * cfg.width ** -0.5)
+            self.class_embedding = nn.Parameter(torch.randn(cfg.width) * 0.02)
         self.position_embedding = nn.Embedding(cfg.num_patches + cfg.class_token, cfg.width)
+        nn.init.normal_(self.position_embedding.weight, std=0.02)  # small, as transformers inits them
 
     def forward(self, pixel_values):
         """pixel_values (b, 3, H, W) -> (b, p (+1 class token), dv)"""

@@ -24,13 +24,14 @@ EOT_ID = 0  # <|endoftext|>: the end of every answer and the stop token
 
 
 class VLMamba(nn.Module):
-    def __init__(self, cfg: VLMConfig):
+    def __init__(self, cfg: VLMConfig, vision: VisionTower | None = None, lm: MambaLM | None = None):
+        """Random weights, or the pretrained vision tower and LM given (the connector always starts fresh)."""
         super().__init__()
         self.cfg = cfg
-        self.vision = VisionTower(cfg.vision)
+        self.vision = vision if vision is not None else VisionTower(cfg.vision)
         self.connector = Connector(cfg.connector, cfg.vision.width, cfg.lm.d_model, cfg.vision.grid, cfg.scan,
                                    cfg.vss_d_state, cfg.vss_expand, cfg.lm.scan_backend)
-        self.lm = MambaLM(cfg.lm)
+        self.lm = lm if lm is not None else MambaLM(cfg.lm)
         self.decoders = {}  # CUDA-graph decode steps by (batch size, device, dtype), captured on first use
 
     def embed(self, pixel_values, input_ids):
