@@ -43,9 +43,11 @@ parser.add_argument("--data", help="LLaVA-format JSON file (default: the embedde
 parser.add_argument("--image-folder", default=".", help="folder the data file's images are relative to")
 parser.add_argument("--stage", type=int, choices=[1, 2], default=1, help="1: align (connector), 2: instruct (+ LM)")
 parser.add_argument("--init", help="stage 2: the stage-1 checkpoint folder to start from")
+parser.add_argument("--vision", help="pretrained vision tower folder or repo id (default: the preset's)")
+parser.add_argument("--lm", help="pretrained Mamba folder or repo id (default: the preset's)")
 parser.add_argument("--tokenizer", default="EleutherAI/gpt-neox-20b", help="tokenizer.json folder or repo id (paper presets)")
-parser.add_argument("--steps", type=int, help="optimizer steps (default: 1500 for shapes, 1 epoch of --data)")
-parser.add_argument("--batch-size", type=int, help="global batch (default: 64 shapes, 256 stage 1, 128 stage 2)")
+parser.add_argument("--steps", type=int, help="optimizer steps (default: 3500 for shapes, 1 epoch of --data)")
+parser.add_argument("--batch-size", type=int, help="global batch (default: 32 shapes, 256 stage 1, 128 stage 2)")
 parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process")
 parser.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 shapes, 1e-3 stage 1, 2e-5 stage 2)")
 parser.add_argument("--lr-vision", type=float, help="vision tower lr (0 = frozen; frozen unless shapes)")
@@ -54,6 +56,7 @@ parser.add_argument("--lr-lm", type=float, help="language model lr (0 = frozen; 
 parser.add_argument("--warmup", type=float, default=0.03, help="fraction of steps of linear warmup")
 parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--grad-clip", type=float, default=1.0)
+parser.add_argument("--grad-checkpointing", action="store_true", help="recompute each LM block in the backward")
 parser.add_argument("--connector", choices=CONNECTORS, help="override the preset's connector")
 parser.add_argument("--scan", choices=SCANS, help="override the preset's scan order (bsm or csm)")
 parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
@@ -102,6 +105,7 @@ def main():
             cfg.lm = dataclasses.replace(cfg.lm, vocab_size=tokenizer.get_vocab_size())
             model = VLMamba(cfg)
         else:
+            cfg.vision_path, cfg.lm_path = args.vision or cfg.vision_path, args.lm or cfg.lm_path
             tokenizer = load_tokenizer(args.tokenizer)
             model = build_model(cfg)
     cfg = model.cfg
@@ -115,11 +119,12 @@ def main():
     lrs["lm"] = lrs["lm"] if lrs["lm"] is not None else (args.lr or default_lr) * (stage != 1)
     lrs["connector"] = lrs["connector"] if lrs["connector"] is not None else (args.lr or default_lr)
     trained = tuple(part for part in COMPONENTS if lrs[part] > 0)
-    batch_size = args.batch_size or {0: 64, 1: 256, 2: 128}[stage]
+    batch_size = args.batch_size or {0: 32, 1: 256, 2: 128}[stage]
     if batch_size % (world * args.grad_accum):
         raise UserError(f"--batch-size {batch_size} is not divisible by {world} processes x {args.grad_accum} accumulation")
     micro = batch_size // (world * args.grad_accum)
 
+    model.lm.gradient_checkpointing = args.grad_checkpointing
     model.to(device).train()
     raw_model = model
     if ddp:
@@ -151,7 +156,7 @@ def main():
     # sees exactly the batches the interrupted one would have seen, whatever the number of processes.
     max_text = cfg.max_len - cfg.vision.num_patches
     if shapes:
-        steps = args.steps or 1500
+        steps = args.steps or 3500
 
         def micro_batches(step):
             for i in range(args.grad_accum):

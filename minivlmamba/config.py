@@ -53,7 +53,7 @@ PRESETS = {
     "tiny": lambda: VLMConfig(
         vision=VisionConfig(image_size=48, patch_size=16, width=96, layers=2, heads=4, mlp=192, act="gelu",
                             norm_eps=1e-5, select_layer=-1),
-        lm=MambaConfig(d_model=64, n_layer=4, vocab_size=512),
+        lm=MambaConfig(d_model=128, n_layer=3, vocab_size=512),
         template="zephyr", max_len=96),
     # The paper's models (VL-Mamba final: SigLIP-SO400M/384 + Mamba-2.8B-SlimPJ + VSS-L2 + BSM).
     "vl-mamba-2.8b": _paper(SIGLIP, "state-spaces/mamba-2.8b-slimpj", 2560, 64),

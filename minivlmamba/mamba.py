@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from minivlmamba.scan import selective_scan, selective_state_update
 
@@ -160,6 +161,7 @@ class MambaLM(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_padded, bias=False)
         self.lm_head.weight = self.backbone.embedding.weight
+        self.gradient_checkpointing = False  # trade compute for memory in training (train.py --grad-checkpointing)
         self.reset_parameters()
 
     @classmethod
@@ -193,7 +195,10 @@ class MambaLM(nn.Module):
         """
         x = inputs_embeds.float()  # (b, l, d): the residual stream
         for block in self.backbone.layers:
-            x = block(x, cache)
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)  # recomputed in backward
+            else:
+                x = block(x, cache)
         return self.backbone.norm_f(x)
 
     def forward(self, input_ids=None, inputs_embeds=None, cache: InferenceCache | None = None):
