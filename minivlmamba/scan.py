@@ -99,6 +99,15 @@ def selective_state_update_ref(ssm_state, x, delta, A, B, C, D=None, z=None, del
     return y.to(dtype_in)
 
 
+def _backend(backend: str, tensor: torch.Tensor) -> str:
+    """"auto" means the Triton kernels for CUDA tensors and the reference otherwise."""
+    if backend == "auto":
+        return "triton" if tensor.is_cuda else "ref"
+    if backend not in ("triton", "ref"):
+        raise ValueError(f"unknown scan backend {backend!r}: expected 'auto', 'triton' or 'ref'")
+    return backend
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, backend="auto"):
     """The selective scan with a choice of implementation (same arguments as selective_scan_ref).
@@ -106,24 +115,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     backend: "auto" takes the fused Triton kernels for CUDA tensors and the reference otherwise;
     "triton" or "ref" force one.
     """
-    if backend == "auto":
-        backend = "triton" if u.is_cuda else "ref"
-    if backend == "ref":
+    if _backend(backend, u) == "ref":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    if backend == "triton":
-        from minivlmamba.triton_scan import selective_scan_triton
-        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    raise ValueError(f"unknown scan backend {backend!r}: expected 'auto', 'triton' or 'ref'")
+    from minivlmamba.triton_scan import selective_scan_triton  # here: Triton loads only when used
+    return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
 def selective_state_update(ssm_state, x, delta, A, B, C, D=None, z=None, delta_bias=None,
                            delta_softplus=False, backend="auto"):
     """One decode step (same arguments as selective_state_update_ref), Triton on CUDA."""
-    if backend == "auto":
-        backend = "triton" if x.is_cuda else "ref"
-    if backend == "ref":
+    if _backend(backend, x) == "ref":
         return selective_state_update_ref(ssm_state, x, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    if backend == "triton":
-        from minivlmamba.triton_scan import selective_state_update_triton
-        return selective_state_update_triton(ssm_state, x, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    raise ValueError(f"unknown scan backend {backend!r}: expected 'auto', 'triton' or 'ref'")
+    from minivlmamba.triton_scan import selective_state_update_triton
+    return selective_state_update_triton(ssm_state, x, delta, A, B, C, D, z, delta_bias, delta_softplus)

@@ -156,3 +156,17 @@ def test_tiny_model_overfits_one_batch():
     assert loss.item() < 0.05
     logits, _ = model(pixel_values, ids)
     assert torch.equal(logits.argmax(-1), ids)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    lm = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=50))
+    ids = torch.randint(0, 50, (2, 9))
+    grads = []
+    for checkpointing in (False, True):
+        lm.gradient_checkpointing = checkpointing
+        lm.zero_grad()
+        lm(ids).square().mean().backward()
+        grads.append([p.grad.clone() for p in lm.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
