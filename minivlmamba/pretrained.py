@@ -26,14 +26,17 @@ Loading is strict: a missing, unexpected or misshapen tensor is an error that na
 light: the model is built on the meta device (shapes, no storage) and the tensors of the
 memory-mapped files become its parameters. Kept in the file's dtype on the CPU, nothing is copied:
 the weights are paged in from the file as they are used, one copy of them in memory at most. Given
-another dtype or a device, each tensor is converted once; the file's pages it was read from stay
-mapped (counted in RSS, but clean and reclaimable) until loading returns.
+another dtype or a device, each tensor is converted in turn and (for .bin files) the file pages it
+was read from are released at once, so the file and the converted weights are never both resident.
 Safetensors are preferred; .bin files are read with weights_only=True, never unpickling code.
 """
 
+import ctypes
 import json
+import mmap
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -43,6 +46,9 @@ from tokenizers import Tokenizer
 from minivlmamba.config import UserError
 from minivlmamba.mamba import MambaConfig, MambaLM
 from minivlmamba.vision import CLIP_L_336, SIGLIP_SO400M_384, VisionConfig, VisionTower
+
+LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None  # for madvise, see release_pages
+MADV_DONTNEED = 4
 
 RENAMES = {"backbone.embeddings.weight": "backbone.embedding.weight"}  # transformers Mamba -> ours (= state-spaces)
 
@@ -130,26 +136,45 @@ def read_json(path: Path) -> dict:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
-def read_file(path: Path) -> dict:
-    """One weights file -> {name: tensor}, memory-mapped: nothing is read from disk yet."""
+def release_pages(tensor: torch.Tensor):
+    """Tell Linux we are done with the file pages under a memory-mapped tensor, so they leave this
+    process's memory now instead of when the whole file is unmapped. Only pages lying wholly inside
+    the tensor are dropped, and a dropped page of a read-only file mapping is simply read again if
+    touched, so this can never change a value."""
+    if LIBC is None:
+        return
+    begin = tensor.data_ptr()
+    first = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE  # round inwards
+    last = (begin + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+
+
+def read_file(path: Path, dtype=None, device=None) -> dict:
+    """One weights file -> {name: tensor} in dtype on device (None: as stored, memory-mapped, nothing read yet)."""
     if not path.is_file():
         raise UserError(f"{path}: missing (listed in the index beside it)")
     try:
         if path.suffix == ".safetensors":
             with safe_open(path, framework="pt") as f:
-                return {name: f.get_tensor(name) for name in f.keys()}
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                return {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in f.keys()}
+        weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # safetensors and torch.load each fail in their own way on a corrupt file
         raise UserError(f"{path}: unreadable weights ({type(e).__name__}: {e})") from None
+    for name, tensor in weights.items():  # convert one tensor at a time, and let its file pages go
+        weights[name] = tensor.to(device=device, dtype=dtype)
+        if weights[name].data_ptr() != tensor.data_ptr():
+            release_pages(tensor)
+    return weights
 
 
-def read_weights(folder: Path) -> dict:
-    """All tensors of the checkpoint in folder (one file or the shards of an index), memory-mapped."""
+def read_weights(folder: Path, dtype=None, device=None) -> dict:
+    """All tensors of the checkpoint in folder (one file or the shards of an index), in dtype on device."""
     name = next(name for name in WEIGHT_FILES if (folder / name).is_file())
     if not name.endswith(".index.json"):
-        return read_file(folder / name)
+        return read_file(folder / name, dtype, device)
     shards = sorted(set(read_json(folder / name)["weight_map"].values()))
-    return {k: v for shard in shards for k, v in read_file(folder / shard).items()}
+    return {k: v for shard in shards for k, v in read_file(folder / shard, dtype, device).items()}
 
 
 # ----------------------------------------------------------------------------- strict loading
@@ -174,9 +199,8 @@ def load_state_dict_strict(module: torch.nn.Module, weights: dict, source: str, 
     module.load_state_dict(weights, strict=False, assign=assign)
 
 
-def assign_weights(module, weights: dict, source, dtype, device, ignore=()):
-    """Make weights, in dtype on device (None: as stored), the parameters of a module built on the meta device."""
-    weights = {name: tensor.to(device=device, dtype=dtype) for name, tensor in weights.items()}
+def assign_weights(module, weights: dict, source, ignore=()):
+    """Make weights the parameters of a module built on the meta device."""
     load_state_dict_strict(module, weights, str(source), ignore, assign=True)
 
 
@@ -212,10 +236,11 @@ def load_mamba(path_or_repo_id: str, dtype=None, device=None) -> MambaLM:
         cfg = mamba_config(read_json(folder / "config.json"), folder / "config.json")
     except KeyError as e:
         raise UserError(f"{folder / 'config.json'}: no {e.args[0]!r}") from None
-    weights = {RENAMES.get(name, name): t for name, t in read_weights(folder).items() if name != "lm_head.weight"}
+    weights = {RENAMES.get(name, name): t for name, t in read_weights(folder, dtype, device).items()
+               if name != "lm_head.weight"}
     with torch.device("meta"):
         model = MambaLM(cfg)
-    assign_weights(model, weights, folder, dtype, device, ignore=("lm_head.weight",))
+    assign_weights(model, weights, folder, ignore=("lm_head.weight",))
     model.lm_head.weight = model.backbone.embedding.weight  # tie again: the embedding is a new tensor now
     return model
 
@@ -266,13 +291,13 @@ def load_vision_tower(path_or_repo_id: str, select_layer=-2, dtype=None, device=
                             select_layer, folder / "config.json")
     except KeyError as e:
         raise UserError(f"{folder}: no {e.args[0]!r} in config.json or preprocessor_config.json") from None
-    weights = read_weights(folder)
+    weights = read_weights(folder, dtype, device)
     if not any(name.startswith("vision_model.") for name in weights):  # vision-only, as transformers >= 5 writes it
         weights = {f"vision_model.{name}": t for name, t in weights.items()}
     weights = {name: t for name, t in weights.items() if not unused(name, cfg)}
     with torch.device("meta"):
         holder = torch.nn.ModuleDict(dict(vision_model=VisionTower(cfg)))  # so names match the file's
-    assign_weights(holder, weights, folder, dtype, device)
+    assign_weights(holder, weights, folder)
     return holder.vision_model
 
 
