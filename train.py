@@ -108,6 +108,8 @@ def main():
             cfg.vision_path, cfg.lm_path = args.vision or cfg.vision_path, args.lm or cfg.lm_path
             tokenizer = load_tokenizer(args.tokenizer)
             model = build_model(cfg)
+            lm_cfg = model.cfg.lm  # generation never samples the padding rows past the tokenizer's vocabulary
+            lm_cfg.vocab_size = min(lm_cfg.vocab_size, tokenizer.get_vocab_size())
     cfg = model.cfg
     if shapes and cfg.vision_path:
         raise UserError(f"preset {args.preset!r} is trained on LLaVA data: give --data and --image-folder")
