@@ -42,6 +42,16 @@ loop over k: no shuffles. dB and dC sum over channels held by many programs: eac
 its (CHUNK,) row per state with fp32 vector atomics (red.v4.f32), coalesced along the steps. Only the
 scans, dA (summed over the chunk, then one atomic) and the adjoint carry cross lanes.
 
+Two things the backward's speed hangs on, neither visible in the math:
+- Triton picks the tile's layout from the alignment it can prove for the loads and stores. The
+  8-steps-per-thread layout needs rows that start 16-byte aligned; at l = 729 they don't, and the
+  compiler falls back to 1 step per thread, where every step of both scans crosses lanes (3x the
+  shuffles, twice the time). So everything the backward writes per step (du, ddelta, dz, dB, dC)
+  goes to rows padded to lp (l rounded up to 16), and B, C are read from zero-padded copies.
+- The kernel is bound by latency (scans and shuffles are chains of dependent instructions), not by
+  issue: at its natural 255 registers only 8 warps fit on an SM. Capping it at 168 registers (12
+  warps, a few spills) made it 15% faster; 152, 184, 200 did not.
+
 Official implementation: mamba_ssm/csrc/selective_scan (CUDA, the same chunked design with block
 scans) and mamba_ssm/ops/triton/selective_state_update.py (the decode step). The backward follows
 its layout; it recomputes a_{t+1} with a second exponential instead of passing a_t between threads.
@@ -49,6 +59,7 @@ The forward differs (each thread scans its 16 steps sequentially, lanes over cha
 """
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -157,10 +168,10 @@ def _scan_bwd_kernel(
     u_row = u_ptr + pid_b * s_ub + d[:, None] * s_ud  # (BLOCK_D, 1) where each channel starts
     dt_row = dt_ptr + pid_b * s_tb + d[:, None] * s_td
     do_row = dout_ptr + pid_b * s_ob + d[:, None] * s_od
-    g_row = (pid_b * DI + d[:, None]) * L  # (BLOCK_D, 1) offsets into du, ddelta, dz
+    g_row = (pid_b * DI + d[:, None]) * LP  # (BLOCK_D, 1) offsets into du, ddelta, dz (rows of LP)
     B_row = B_ptr + pid_b * s_Bb + grp * s_Bg  # B_t[k] at B_row + k s_Bn + t
     C_row = C_ptr + pid_b * s_Cb + grp * s_Cg
-    dBC_row = (pid_b * G + grp) * N * LP  # the group's fp32 dB, dC: rows of LP >= L (16-byte aligned)
+    dBC_row = (pid_b * G + grp) * N * LP  # the group's fp32 dB, dC (rows of LP, as B and C)
     n_chunks = tl.cdiv(L, CHUNK)
     h0_col = h0_ptr + (pid_b * n_chunks * DI + d) * N  # (BLOCK_D,) state k of chunk c at + c DI N + k
     carry_col = carry_ptr + (pid_b * 2 * DI + d) * N  # (BLOCK_D,) two buffers, DI N apart
@@ -174,8 +185,8 @@ def _scan_bwd_kernel(
     for i in range(n_chunks):
         c = n_chunks - 1 - i
         t = c * CHUNK + tc  # (CHUNK,)
-        mt = t < L
-        m = md[:, None] & mt[None, :]  # (BLOCK_D, CHUNK)
+        mt, mp = t < L, t < LP  # real steps; steps of the padded rows
+        m, mo = md[:, None] & mt[None, :], md[:, None] & mp[None, :]  # (BLOCK_D, CHUNK) inputs; outputs
         u = tl.load(u_row + t[None, :], mask=m, other=0.0).to(tl.float32)  # (BLOCK_D, CHUNK)
         dt_raw = tl.load(dt_row + t[None, :], mask=m, other=0.0).to(tl.float32)
         dt = _delta(dt_raw, bias, m, HAS_BIAS, SOFTPLUS)
@@ -202,8 +213,8 @@ def _scan_bwd_kernel(
         for k in range(N):
             A = tl.load(A_col + k, mask=md, other=0.0)[:, None]  # (BLOCK_D, 1)
             A2 = A * LOG2E
-            Bk = tl.load(B_row + k * s_Bn + t, mask=mt, other=0.0).to(tl.float32)[None, :]  # (1, CHUNK)
-            Ck = tl.load(C_row + k * s_Cn + t, mask=mt, other=0.0).to(tl.float32)[None, :]
+            Bk = tl.load(B_row + k * s_Bn + t, mask=mp, other=0.0).to(tl.float32)[None, :]  # (1, CHUNK)
+            Ck = tl.load(C_row + k * s_Cn + t, mask=mp, other=0.0).to(tl.float32)[None, :]
             h0 = tl.load(h0_col + c * DI * N + k, mask=md, other=0.0)[:, None]  # (BLOCK_D, 1)
             dh_in = tl.load(carry_in + k, mask=md, other=0.0)[:, None]
 
@@ -211,7 +222,7 @@ def _scan_bwd_kernel(
             a = tl.exp2(dt * A2)  # (BLOCK_D, CHUNK)
             x = Bk * dtu
             _, h = tl.associative_scan((a, tl.where(first, x + a * h0, x)), axis=1, combine_fn=_compose)
-            tl.atomic_add(dC_ptr + dBC_row + k * LP + t, tl.sum(h * dy, axis=0), mask=mt, sem="relaxed")
+            tl.atomic_add(dC_ptr + dBC_row + k * LP + t, tl.sum(h * dy, axis=0), mask=mp, sem="relaxed")
             if HAS_Z:
                 y += Ck * h
 
@@ -221,7 +232,7 @@ def _scan_bwd_kernel(
             _, dh = tl.associative_scan((a1, tl.where(last, g + a1 * dh_in, g)), axis=1, combine_fn=_compose,
                                         reverse=True)
             tl.store(carry_out + k, tl.sum(tl.where(first, dh, 0.0), axis=1), mask=md)  # dh at the first step
-            tl.atomic_add(dB_ptr + dBC_row + k * LP + t, tl.sum(dh * dtu, axis=0), mask=mt, sem="relaxed")
+            tl.atomic_add(dB_ptr + dBC_row + k * LP + t, tl.sum(dh * dtu, axis=0), mask=mp, sem="relaxed")
             dhB += dh * Bk
             dh *= h - x  # dh_t a_t h_{t-1}
             dhaA += dh * A
@@ -232,13 +243,13 @@ def _scan_bwd_kernel(
         if HAS_D:
             du += Dv * dy
         if HAS_Z:
-            tl.store(dz_ptr + g_row + t[None, :], dz * y, mask=m)
+            tl.store(dz_ptr + g_row + t[None, :], dz * y, mask=mo)
         if SOFTPLUS:
             ddt *= dt_raw
         if HAS_BIAS:
             dbias += tl.sum(tl.where(m, ddt, 0.0), axis=1)
-        tl.store(du_ptr + g_row + t[None, :], du, mask=m)
-        tl.store(ddt_ptr + g_row + t[None, :], ddt, mask=m)
+        tl.store(du_ptr + g_row + t[None, :], du, mask=mo)
+        tl.store(ddt_ptr + g_row + t[None, :], ddt, mask=mo)
 
     if HAS_D:
         tl.store(dD_ptr + pid_b * DI + d, dD, mask=md)
@@ -283,14 +294,16 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, block_
     return out, last, h0
 
 
-def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk, block_d, num_warps):
+def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk, block_d, num_warps, maxnreg):
     b, di, l = u.shape
     g, n = B.shape[1], A.shape[1]
     block_d = _block_d(di // g, block_d)
-    du = torch.empty(b, di, l, device=u.device, dtype=u.dtype)
-    ddelta = torch.empty(b, di, l, device=u.device, dtype=delta.dtype)
-    dz = torch.empty(b, di, l, device=u.device, dtype=z.dtype) if z is not None else None
-    lp = triton.cdiv(l, 16) * 16  # padded rows keep the vector atomics aligned at any l
+    # rows of lp steps (aligned, see the module's docstring) for all the backward writes, and for B, C
+    lp = triton.cdiv(l, 16) * 16
+    B, C = F.pad(B, (0, lp - l)), F.pad(C, (0, lp - l))
+    du = torch.empty(b, di, lp, device=u.device, dtype=u.dtype)
+    ddelta = torch.empty(b, di, lp, device=u.device, dtype=delta.dtype)
+    dz = torch.empty(b, di, lp, device=u.device, dtype=z.dtype) if z is not None else None
     dB = torch.zeros(b, g, n, lp, device=u.device, dtype=torch.float32)
     dC = torch.zeros(b, g, n, lp, device=u.device, dtype=torch.float32)
     dA = torch.zeros(b, di, n, device=u.device, dtype=torch.float32)  # per-sequence partial sums
@@ -304,10 +317,11 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chu
         *_strides(u, (0, 1)), *_strides(delta, (0, 1)), *_strides(z, (0, 1)),
         *_strides(B, (0, 1, 2)), *_strides(C, (0, 1, 2)), *_strides(dout, (0, 1)),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        BLOCK_D=block_d, CHUNK=chunk, num_warps=num_warps,
+        BLOCK_D=block_d, CHUNK=chunk, num_warps=num_warps, maxnreg=maxnreg,
     )
-    return (du, ddelta, dA.sum(0), dB[..., :l].to(B.dtype), dC[..., :l].to(C.dtype),
-            dD.sum(0) if D is not None else None, dz, dbias.sum(0) if delta_bias is not None else None)
+    return (du[..., :l], ddelta[..., :l], dA.sum(0), dB[..., :l].to(B.dtype), dC[..., :l].to(C.dtype),
+            dD.sum(0) if D is not None else None, dz[..., :l] if z is not None else None,
+            dbias.sum(0) if delta_bias is not None else None)
 
 
 class SelectiveScanFn(torch.autograd.Function):
@@ -341,17 +355,18 @@ class SelectiveScanFn(torch.autograd.Function):
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, chunk=16, block_d=8, num_warps=1,
-                          bwd_chunk=256, bwd_block_d=2, bwd_num_warps=1):
+                          bwd_chunk=256, bwd_block_d=2, bwd_num_warps=1, bwd_maxnreg=168):
     """The selective scan on fused Triton kernels (same arguments and results as selective_scan_ref).
 
     Args: u, delta, z (b, di, l); A (di, n) fp32; B, C (b, n, l) or (b, g, n, l); D, delta_bias (di,).
     chunk is the forward's steps per tile, bwd_chunk the backward's (both powers of two, chunk
     dividing bwd_chunk; the forward saves the state every bwd_chunk steps); block_d the channels per
-    program; num_warps the warps per program (forward, and bwd_* for the backward).
+    program; num_warps the warps per program (forward, and bwd_* for the backward); bwd_maxnreg caps
+    the backward's registers per thread (fewer registers, more warps resident per SM).
     Returns: out (b, di, l) in u's dtype, and last_state (b, di, n) fp32 if return_last_state.
     """
     assert bwd_chunk % chunk == 0, "the backward's chunks must start at saved states"
-    config = {"fwd": (chunk, block_d, num_warps), "bwd": (bwd_chunk, bwd_block_d, bwd_num_warps)}
+    config = {"fwd": (chunk, block_d, num_warps), "bwd": (bwd_chunk, bwd_block_d, bwd_num_warps, bwd_maxnreg)}
     out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, config)
     return (out, last) if return_last_state else out
 
