@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from minivlmamba import UserError, VLMamba, preset
 from minivlmamba.checkpoint import COMPONENTS, build_model, load_model, save_model, save_train_state
 from minivlmamba.connector import CONNECTORS, SCANS
-from minivlmamba.data import LlavaDataset, collate, collate_good, encode_sample
+from minivlmamba.data import LlavaDataset, collate, collate_good, encode_sample, sample_order
 from minivlmamba.pretrained import load_tokenizer
 from minivlmamba.shapes import FAMILIES, held_out_set, train_tokenizer, training_sample
 
@@ -62,6 +62,7 @@ parser.add_argument("--scan", choices=SCANS, help="override the preset's scan or
 parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
 parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="autocast dtype")
 parser.add_argument("--workers", type=int, default=4, help="data loading processes (--data)")
+parser.add_argument("--no-group-by-length", action="store_true", help="(--data) do not batch similar lengths together")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--log-every", type=int, default=50)
 parser.add_argument("--save-every", type=int, default=500)
@@ -172,7 +173,7 @@ def main():
     else:
         dataset = LlavaDataset(args.data, args.image_folder, tokenizer, template, cfg.vision, max_text)
         steps = args.steps or len(dataset) // batch_size
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        order = sample_order(dataset.text_lengths(), batch_size, args.seed, group=not args.no_group_by_length)
         sampler = [order[(s * batch_size + (i * world + rank) * micro + j) % len(dataset)]
                    for s in range(step, steps) for i in range(args.grad_accum) for j in range(micro)]
         loader = iter(torch.utils.data.DataLoader(dataset, micro, sampler=sampler, num_workers=args.workers,

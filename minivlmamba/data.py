@@ -105,6 +105,15 @@ class LlavaDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.records)
 
+    def text_lengths(self):
+        """Words in each sample's conversation: a cheap stand-in for its token count (0 if malformed)."""
+        def words(record):
+            try:
+                return sum(len(turn["value"].split()) for turn in record["conversations"])
+            except (TypeError, KeyError, AttributeError):
+                return 0
+        return [words(record) for record in self.records]
+
     def image(self, name):
         if not isinstance(name, str):
             raise BadSample("image must be a file name")
@@ -125,6 +134,23 @@ class LlavaDataset(torch.utils.data.Dataset):
         except BadSample:
             return None
         return pixels, *encode_sample(self.tokenizer, self.template, turns, self.max_text_len)
+
+
+def sample_order(lengths, batch_size, seed, group=True, window=64):
+    """The order a run visits the samples in: a seeded shuffle, fixed for the run (so a resume, on
+    any number of processes, continues it exactly). With group, each stretch of `window` batches is
+    sorted by length and cut into batches, which are shuffled again: every batch then holds samples
+    of similar length, and padding (which a Mamba must still read) shrinks."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    if not group:
+        return order
+    grouped = []
+    for start in range(0, len(order), window * batch_size):
+        stretch = sorted(order[start:start + window * batch_size], key=lengths.__getitem__)
+        batches = [stretch[i:i + batch_size] for i in range(0, len(stretch), batch_size)]
+        grouped += [i for b in torch.randperm(len(batches), generator=gen).tolist() for i in batches[b]]
+    return grouped
 
 
 def collate_good(samples):

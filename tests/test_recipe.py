@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from minivlmamba import MambaConfig, MambaLM
+from minivlmamba.data import sample_order
 from minivlmamba.shapes import make_scene, render, train_tokenizer
 from test_pretrained import randomized, write_state_spaces, write_vision
 
@@ -67,3 +68,12 @@ def test_stage1_stage2_chat(tmp_path):
                              "--max-new-tokens", "4"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["question_id"] for line in answers.read_text().splitlines()] == [0, 1, 2]
+
+
+def test_sample_order_is_a_seeded_permutation_that_groups_lengths():
+    lengths = [random.Random(i).randint(1, 500) for i in range(1000)]
+    order = sample_order(lengths, batch_size=8, seed=1, window=16)
+    assert sorted(order) == list(range(1000)) and order == sample_order(lengths, 8, seed=1, window=16)
+    spread = lambda o: sum(max(lengths[i] for i in o[k:k + 8]) - min(lengths[i] for i in o[k:k + 8])
+                           for k in range(0, 1000, 8))
+    assert spread(order) < spread(sample_order(lengths, 8, seed=1, group=False)) / 4
