@@ -25,7 +25,8 @@ from minivlmamba.data import load_image
 from minivlmamba.shapes import make_scene, render
 from minivlmamba.templates import prompt_text
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
 parser.add_argument("--ckpt", default="out/tiny", help="checkpoint folder written by train.py")
 parser.add_argument("--image", help="image file to talk about")
@@ -70,7 +71,8 @@ class Conversation:
         else:
             logits = self.model.extend(ids, self.cache)
         tokens, shown = [], ""
-        for token in self.model.generate(logits, self.cache, args.max_new_tokens, args.temperature, args.top_k, args.top_p):
+        answer = self.model.generate(logits, self.cache, args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        for token in answer:
             tokens.append(token.item())
             text = self.tokenizer.decode(tokens)  # the end-of-text token is special: decode skips it
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
@@ -178,7 +180,8 @@ def answer_file(model, tokenizer):
                 out.flush()
             i = min(start + args.batch_size, len(todo))
             eta = (time.time() - t0) / i * (len(todo) - i)
-            print(f"\r{i}/{len(todo)} answered, {skipped} skipped, ETA {eta:.0f} s", end="", file=sys.stderr, flush=True)
+            print(f"\r{i}/{len(todo)} answered, {skipped} skipped, ETA {eta:.0f} s", end="", file=sys.stderr,
+                  flush=True)
     print(f"\nwrote {answers} ({skipped} questions skipped)", file=sys.stderr)
 
 

@@ -45,7 +45,8 @@ parser.add_argument("--stage", type=int, choices=[1, 2], default=1, help="1: ali
 parser.add_argument("--init", help="stage 2: the stage-1 checkpoint folder to start from")
 parser.add_argument("--vision", help="pretrained vision tower folder or repo id (default: the preset's)")
 parser.add_argument("--lm", help="pretrained Mamba folder or repo id (default: the preset's)")
-parser.add_argument("--tokenizer", default="EleutherAI/gpt-neox-20b", help="tokenizer.json folder or repo id (paper presets)")
+parser.add_argument("--tokenizer", default="EleutherAI/gpt-neox-20b",
+                    help="tokenizer.json folder or repo id (paper presets)")
 parser.add_argument("--steps", type=int, help="optimizer steps (default: 3000 for shapes, 1 epoch of --data)")
 parser.add_argument("--batch-size", type=int, help="global batch (default: 32 shapes, 256 stage 1, 128 stage 2)")
 parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process")
@@ -124,7 +125,8 @@ def main():
     trained = tuple(part for part in COMPONENTS if lrs[part] > 0)
     batch_size = args.batch_size or {0: 32, 1: 256, 2: 128}[stage]
     if batch_size % (world * args.grad_accum):
-        raise UserError(f"--batch-size {batch_size} is not divisible by {world} processes x {args.grad_accum} accumulation")
+        raise UserError(f"--batch-size {batch_size} is not divisible by {world} processes x "
+                        f"{args.grad_accum} accumulation steps")
     micro = batch_size // (world * args.grad_accum)
 
     model.lm.gradient_checkpointing = args.grad_checkpointing
@@ -133,7 +135,8 @@ def main():
     if ddp:
         model = DDP(model, device_ids=[torch.device(device).index] if cuda else None)
     n_params = sum(p.numel() for p in raw_model.parameters())
-    log(f"model: {args.preset if not (args.resume or args.init) else 'from checkpoint'}, {n_params / 1e6:.2f}M parameters, "
+    name = "from checkpoint" if args.resume or args.init else args.preset
+    log(f"model: {name}, {n_params / 1e6:.2f}M parameters, "
         f"connector {cfg.connector}, scan {cfg.scan}, training {'+'.join(trained)}, device {device} x{world}, {dtype}")
 
     # ---------------------------------------------------------------- optimizer
@@ -223,7 +226,8 @@ def main():
             eta = elapsed / (step - start_step) * (steps - step)
             loss = sum(losses) / max(1, len(losses))
             log(f"step {step:5d}/{steps} | loss {loss:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
-                f"{tokens / elapsed:,.0f} tok/s | ETA {eta / 60:.1f} min" + (f" | {skipped} bad samples skipped" if skipped else ""))
+                f"{tokens / elapsed:,.0f} tok/s | ETA {eta / 60:.1f} min"
+                + (f" | {skipped} bad samples skipped" if skipped else ""))
         if step % args.save_every == 0 or step == steps:
             save()
 

@@ -88,7 +88,8 @@ def load_model(folder, device="cpu", dtype=None):
     model = build_model(cfg, components, dtype)
     for part in components:
         prefix = part + "."
-        load_state_dict_strict(getattr(model, part), {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)},
+        part_weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        load_state_dict_strict(getattr(model, part), part_weights,
                                str(folder / "model.safetensors"), ignore=("lm_head.weight",))
     unexpected = [k for k in weights if k.split(".")[0] not in components]
     if unexpected:

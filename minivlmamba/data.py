@@ -100,7 +100,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.folder = Path(image_folder).resolve()
         if not self.folder.is_dir():
             raise UserError(f"{image_folder}: no such image folder")
-        self.tokenizer, self.template, self.vision_cfg, self.max_text_len = tokenizer, template, vision_cfg, max_text_len
+        self.tokenizer, self.template = tokenizer, template
+        self.vision_cfg, self.max_text_len = vision_cfg, max_text_len
 
     def __len__(self):
         return len(self.records)

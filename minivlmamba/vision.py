@@ -84,7 +84,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         b, p, dv = x.shape
-        q, k, v = (proj(x).view(b, p, self.heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (proj(x).view(b, p, self.heads, -1).transpose(1, 2)  # (b, heads, p, dv / heads)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         y = F.scaled_dot_product_attention(q, k, v)  # (b, heads, p, dv / heads), every patch sees every patch
         return self.out_proj(y.transpose(1, 2).reshape(b, p, dv))
 
