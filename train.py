@@ -34,6 +34,8 @@ from minivlmamba.data import LlavaDataset, collate, collate_good, encode_sample,
 from minivlmamba.pretrained import load_tokenizer
 from minivlmamba.shapes import FAMILIES, held_out_set, train_tokenizer, training_sample
 
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, from the datasheets
+
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--preset", default="tiny", help="model preset (see minivlmamba/config.py)")
@@ -200,7 +202,12 @@ def main():
             weights = {k: v for k, v in raw_model.state_dict().items() if k.split(".")[0] in trained}
             save_train_state(out, dict(model=weights, optimizer=optimizer.state_dict(), step=step))
 
-    t0, tokens, skipped, start_step = time.time(), 0, 0, step
+    # MFU: model FLOPs (6 per weight and token for the connector and LM, forward and backward; 2 per
+    # weight and image token for the vision tower, forward only) over the card's peak bf16 rate.
+    n_vision = sum(p.numel() for p in raw_model.vision.parameters())
+    n_lm_connector = n_params - n_vision
+    peak = next((rate for name, rate in PEAK_FLOPS.items() if cuda and name in torch.cuda.get_device_name()), 0)
+    t0, tokens, flops, skipped, start_step = time.time(), 0, 0, 0, step
     while step < steps:
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * lr_factor(step)
@@ -217,16 +224,20 @@ def main():
                 raise UserError(f"step {step}: loss is {loss.item()}; lower --lr or use --dtype fp32")
             (loss / args.grad_accum).backward()
             losses.append(loss.item())
-            tokens += (input_ids.numel() + pixel_values.shape[0] * cfg.vision.num_patches) * world
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+            image_tokens = pixel_values.shape[0] * cfg.vision.num_patches
+            tokens += (input_ids.numel() + image_tokens) * world
+            flops += (6 * n_lm_connector * (input_ids.numel() + image_tokens) + 2 * n_vision * image_tokens) * world
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
         optimizer.step()
         step += 1
         if step % args.log_every == 0 or step == steps:
             elapsed = time.time() - t0
             eta = elapsed / (step - start_step) * (steps - step)
             loss = sum(losses) / max(1, len(losses))
+            gpu = f" | MFU {flops / elapsed / (peak * world):.1%}" if peak else ""
+            gpu += f" | {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""
             log(f"step {step:5d}/{steps} | loss {loss:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
-                f"{tokens / elapsed:,.0f} tok/s | ETA {eta / 60:.1f} min"
+                f"grad norm {grad_norm:.2f} | {tokens / elapsed:,.0f} tok/s{gpu} | ETA {eta / 60:.1f} min"
                 + (f" | {skipped} bad samples skipped" if skipped else ""))
         if step % args.save_every == 0 or step == steps:
             save()
