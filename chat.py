@@ -21,7 +21,7 @@ import torch
 
 from minivlmamba import UserError
 from minivlmamba.checkpoint import load_model
-from minivlmamba.data import load_image
+from minivlmamba.data import image_in_folder, load_image
 from minivlmamba.shapes import make_scene, render
 from minivlmamba.templates import prompt_text
 
@@ -161,10 +161,7 @@ def answer_file(model, tokenizer):
             batch = []  # (question, Conversation) pairs whose image loaded
             for q in todo[start:start + args.batch_size]:
                 try:
-                    image_path = (folder / q.get("image", "")).resolve()
-                    if not image_path.is_relative_to(folder):
-                        raise UserError(f"{q['image']}: outside the image folder")
-                    batch.append((q, Conversation(model, tokenizer, load_image(image_path))))
+                    batch.append((q, Conversation(model, tokenizer, image_in_folder(folder, q.get("image", "")))))
                 except UserError as e:
                     skipped += 1
                     print(f"skipped question {q['question_id']}: {e}", file=sys.stderr)

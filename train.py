@@ -120,10 +120,10 @@ def main():
     stage = 0 if shapes else args.stage
     template = "plain" if stage == 1 else cfg.template  # stage 1 learns captions, not conversations
     default_lr = {0: 1e-3, 1: 1e-3, 2: 2e-5}[stage]
-    lrs = {part: getattr(args, f"lr_{part}") for part in COMPONENTS}  # per component; 0 = frozen
-    lrs["vision"] = lrs["vision"] if lrs["vision"] is not None else (args.lr or default_lr) * (stage == 0)
-    lrs["lm"] = lrs["lm"] if lrs["lm"] is not None else (args.lr or default_lr) * (stage != 1)
-    lrs["connector"] = lrs["connector"] if lrs["connector"] is not None else (args.lr or default_lr)
+    lr = args.lr or default_lr  # the tower trains only from scratch (shapes), the LM not in stage 1
+    defaults = dict(vision=lr * (stage == 0), connector=lr, lm=lr * (stage != 1))
+    given = {part: getattr(args, f"lr_{part}") for part in COMPONENTS}
+    lrs = {part: defaults[part] if given[part] is None else given[part] for part in COMPONENTS}  # 0 = frozen
     trained = tuple(part for part in COMPONENTS if lrs[part] > 0)
     batch_size = args.batch_size or {0: 32, 1: 256, 2: 128}[stage]
     if batch_size % (world * args.grad_accum):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from minivlmamba.config import UserError, VLMConfig
@@ -62,7 +62,7 @@ def build_model(cfg: VLMConfig, components=(), dtype=None) -> VLMamba:
         vision = VisionTower.from_pretrained(cfg.vision_path, cfg.vision.select_layer, dtype=dtype)
     if "lm" not in components and cfg.lm_path:
         lm = MambaLM.from_pretrained(cfg.lm_path, dtype=dtype)
-    for part, module, path in (("vision", vision, cfg.vision_path), ("lm", lm, cfg.lm_path)):
+    for part, module in (("vision", vision), ("lm", lm)):
         if module is None and part not in components:
             raise UserError(f"the {part} has neither trained weights in the checkpoint nor a pretrained path")
     cfg = replace(cfg, vision=vision.cfg if vision else cfg.vision, lm=lm.cfg if lm else cfg.lm)
@@ -80,9 +80,9 @@ def load_model(folder, device="cpu", dtype=None):
     try:
         cfg = VLMConfig.from_dict(json.loads((folder / "config.json").read_text()))
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        weights = load_file(folder / "model.safetensors")
         with safe_open(folder / "model.safetensors", "pt") as f:
             components = tuple((f.metadata() or {}).get("components", ",".join(COMPONENTS)).split(","))
+            weights = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:  # json, the config, tokenizers and safetensors each fail in their own way
         raise UserError(f"{folder}: corrupt checkpoint ({type(e).__name__}: {e})") from None
     model = build_model(cfg, components, dtype)

@@ -38,6 +38,16 @@ def load_image(path) -> Image.Image:
         raise UserError(f"{path}: not a readable image ({e})") from None
 
 
+def image_in_folder(folder: Path, name) -> Image.Image:
+    """Load image `name` relative to the resolved `folder`; a name that escapes it is a UserError."""
+    if not isinstance(name, str):
+        raise UserError(f"{name!r}: an image must be a file name")
+    path = (folder / name).resolve()
+    if not path.is_relative_to(folder):
+        raise UserError(f"{name}: outside the image folder")
+    return load_image(path)
+
+
 def encode_sample(tokenizer, template, turns, max_text_len):
     """(question, answer) turns -> (ids, labels) tensors, cut to max_text_len tokens."""
     ids, labels = encode_conversation(tokenizer, turns, template)
@@ -116,13 +126,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         return [words(record) for record in self.records]
 
     def image(self, name):
-        if not isinstance(name, str):
-            raise BadSample("image must be a file name")
-        path = (self.folder / name).resolve()
-        if not path.is_relative_to(self.folder):
-            raise BadSample(f"{name}: outside the image folder")
         try:
-            return preprocess_image(load_image(path), self.vision_cfg)
+            return preprocess_image(image_in_folder(self.folder, name), self.vision_cfg)
         except UserError as e:
             raise BadSample(str(e)) from None
 
