@@ -202,10 +202,7 @@ def main():
             weights = {k: v for k, v in raw_model.state_dict().items() if k.split(".")[0] in trained}
             save_train_state(out, dict(model=weights, optimizer=optimizer.state_dict(), step=step))
 
-    # MFU: model FLOPs (6 per weight and token for the connector and LM, forward and backward; 2 per
-    # weight and image token for the vision tower, forward only) over the card's peak bf16 rate.
-    n_vision = sum(p.numel() for p in raw_model.vision.parameters())
-    n_lm_connector = n_params - n_vision
+    # MFU: model FLOPs (VLMamba.training_flops) over the card's peak bf16 rate.
     peak = next((rate for name, rate in PEAK_FLOPS.items() if cuda and name in torch.cuda.get_device_name()), 0)
     t0, tokens, flops, skipped, start_step = time.time(), 0, 0, 0, step
     while step < steps:
@@ -224,9 +221,8 @@ def main():
                 raise UserError(f"step {step}: loss is {loss.item()}; lower --lr or use --dtype fp32")
             (loss / args.grad_accum).backward()
             losses.append(loss.item())
-            image_tokens = pixel_values.shape[0] * cfg.vision.num_patches
-            tokens += (input_ids.numel() + image_tokens) * world
-            flops += (6 * n_lm_connector * (input_ids.numel() + image_tokens) + 2 * n_vision * image_tokens) * world
+            tokens += (input_ids.numel() + pixel_values.shape[0] * cfg.vision.num_patches) * world
+            flops += raw_model.training_flops(input_ids.shape[1]) * input_ids.shape[0] * world
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
         optimizer.step()
         step += 1

@@ -315,19 +315,6 @@ def optimizer_step(optimizer, params):
     optimizer.zero_grad(set_to_none=True)
 
 
-def model_flops(model, text_tokens):
-    """Training FLOPs of one sample, counting each weight once per token it multiplies: 6 (forward 2,
-    backward 4) for the trained connector and LM, 2 (forward only) for the frozen tower. The LM body
-    reads image and text tokens, the LM head (the tied embedding) only the text positions, the
-    connector and the tower only the image. The scans and the tower's attention scores are left out:
-    they are not weight products (the norms', convolutions' and SSM's own parameters, under 0.5% of
-    the count, are counted as if they were)."""
-    count = lambda module: sum(p.numel() for p in module.parameters())  # tied weights counted once
-    image, head = model.cfg.vision.num_patches, model.lm.lm_head.weight.numel()
-    return (6 * (count(model.lm) - head) * (image + text_tokens) + 6 * head * text_tokens
-            + 6 * count(model.connector) * image + 2 * count(model.vision) * image)
-
-
 class MatrixDtypes(TorchDispatchMode):
     """Records the input dtypes of every matrix product and convolution that runs, backward included."""
 
@@ -345,7 +332,7 @@ class MatrixDtypes(TorchDispatchMode):
 
 def check_autocast(model, batch, text_tokens):
     """One forward + backward of one sample, watched: which dtypes reach the matrix units, and how many
-    FLOPs torch's counter sees against model_flops."""
+    FLOPs torch's counter sees against VLMamba.training_flops."""
     dtypes, counter = MatrixDtypes(), FlopCounterMode(display=False)
     with counter, dtypes:
         forward_backward(model, batch)
@@ -356,7 +343,7 @@ def check_autocast(model, batch, text_tokens):
     products = sum(flops for op, flops in counter.get_flop_counts()["Global"].items() if "convolution" not in str(op))
     print(f"FLOPs of one sample: torch's FlopCounterMode {products / 1e12:.2f} T (matrix products and attention, "
           f"convolutions left out: it counts a depthwise one's backward as dense), "
-          f"model_flops {model_flops(model, text_tokens) / 1e12:.2f} T")
+          f"training_flops {model.training_flops(text_tokens) / 1e12:.2f} T")
 
 
 def largest_micro_batch(model, optimizer, params, cfg, text_tokens):
@@ -424,7 +411,7 @@ def bench_train(args):
     params = [p for p in model.parameters() if p.requires_grad]  # connector + LM
     optimizer = torch.optim.AdamW(params, lr=2e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     count = lambda module: sum(p.numel() for p in module.parameters())
-    flops = model_flops(model, text)
+    flops = model.training_flops(text)
     print(f"device: {card}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB   "
           f"peak dense bf16 {peak / 1e12:.0f} TFLOP/s   preset {args.preset}, random weights")
     print(f"trained: LM {count(model.lm) / 1e9:.3f}B + connector {count(model.connector) / 1e6:.1f}M parameters, "

@@ -54,6 +54,18 @@ class VLMamba(nn.Module):
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
         return logits, loss
 
+    def training_flops(self, text_tokens):
+        """Model FLOPs of one training sample, for MFU: each weight counts once per token it
+        multiplies, 6 times (forward 2, backward 4) for the connector and LM, 2 (forward only) for the
+        vision tower, taken as frozen. The LM body reads image and text tokens, the LM head (the tied
+        embedding) only the text positions, the connector and the tower only the image. The scans and
+        the tower's attention scores are not weight products and are left out (the norms',
+        convolutions' and SSM's own parameters, under 0.5% of the count, are counted as if they were)."""
+        count = lambda module: sum(p.numel() for p in module.parameters())  # tied weights counted once
+        image, head = self.cfg.vision.num_patches, self.lm.lm_head.weight.numel()
+        return (6 * (count(self.lm) - head) * (image + text_tokens) + 6 * head * text_tokens
+                + 6 * count(self.connector) * image + 2 * count(self.vision) * image)
+
     @torch.inference_mode()
     def prefill(self, pixel_values, input_ids, cache: InferenceCache):
         """Read the image and the prompt into a fresh cache; returns the next-token logits (b, v)."""
