@@ -11,6 +11,7 @@ With a paper preset and LLaVA data it runs the paper's two-stage recipe on pretr
     python train.py --stage 2 --init out/stage1 --data llava_v1_5_mix665k.json \\
         --image-folder llava/finetune --out out/stage2   # instruct: connector + LM
     torchrun --nproc_per_node=8 train.py ...             # the same, data-parallel (DDP)
+    torchrun --nproc_per_node=8 train.py --fsdp ...      # each process keeps 1/8 of the weights and optimizer
 """
 
 import argparse
@@ -25,10 +26,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minivlmamba import UserError, VLMamba, preset
-from minivlmamba.checkpoint import COMPONENTS, build_model, load_model, save_model, save_train_state
+from minivlmamba.checkpoint import COMPONENTS, TIED, build_model, load_model, save_model, save_train_state
 from minivlmamba.connector import CONNECTORS, SCANS
 from minivlmamba.data import LlavaDataset, collate, collate_good, encode_sample, sample_order
 from minivlmamba.pretrained import load_tokenizer
@@ -62,6 +65,8 @@ parser.add_argument("--grad-clip", type=float, default=1.0)
 parser.add_argument("--grad-checkpointing", action="store_true", help="recompute each LM block in the backward")
 parser.add_argument("--connector", choices=CONNECTORS, help="override the preset's connector")
 parser.add_argument("--scan", choices=SCANS, help="override the preset's scan order (bsm or csm)")
+parser.add_argument("--fsdp", action="store_true",
+                    help="(torchrun) shard weights, gradients and optimizer state over the processes (FSDP)")
 parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
 parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="autocast dtype")
 parser.add_argument("--workers", type=int, default=4, help="data loading processes (--data)")
@@ -75,10 +80,12 @@ args = parser.parse_args()
 
 def main():
     # ---------------------------------------------------------------- processes and devices
-    ddp = "RANK" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    distributed = "RANK" in os.environ  # started by torchrun
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if ddp:
+    if args.fsdp and not distributed:
+        raise UserError("--fsdp shards the model over processes: start train.py with torchrun")
+    if distributed:
         if device == "cuda":
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
@@ -97,7 +104,7 @@ def main():
         model, tokenizer = load_model(out)
         if not (out / "train_state.pt").is_file():
             raise UserError(f"{out}: nothing to resume (no train_state.pt)")
-        state = torch.load(out / "train_state.pt", weights_only=True)
+        state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True, mmap=True)
         model.load_state_dict(state["model"], strict=False)  # the trained weights, exactly as saved
     elif args.init:
         model, tokenizer = load_model(args.init)
@@ -133,13 +140,25 @@ def main():
 
     model.lm.gradient_checkpointing = args.grad_checkpointing
     model.to(device).train()
+    for part in COMPONENTS:
+        getattr(model, part).requires_grad_(part in trained)  # before DDP and FSDP, which read it
     raw_model = model
-    if ddp:
+    if args.fsdp:
+        # Fully sharded data parallel (PyTorch's FSDP2): each process stores 1/world of every weight,
+        # gradient and AdamW state. A unit's weights are gathered just before its forward (and again
+        # for its backward) and dropped after it; its gradients are summed and scattered back into
+        # shards. Units: each LM block, the tower, and the rest (embedding, final norm, connector).
+        # The weights travel in fp32 and autocast casts them, exactly as without FSDP.
+        for unit in (*model.lm.backbone.layers, model.vision):
+            fully_shard(unit)
+        fully_shard(model)  # the same module object, its parameters now shards (DTensors)
+    elif distributed:
         model = DDP(model, device_ids=[torch.device(device).index] if cuda else None)
-    n_params = sum(p.numel() for p in raw_model.parameters())
+    n_params = sum(p.numel() for p in raw_model.parameters())  # a shard's numel() is the whole tensor's
     name = "from checkpoint" if args.resume or args.init else args.preset
-    log(f"model: {name}, {n_params / 1e6:.2f}M parameters, "
-        f"connector {cfg.connector}, scan {cfg.scan}, training {'+'.join(trained)}, device {device} x{world}, {dtype}")
+    parallel = " FSDP" if args.fsdp else " DDP" if distributed else ""
+    log(f"model: {name}, {n_params / 1e6:.2f}M parameters, connector {cfg.connector}, scan {cfg.scan}, "
+        f"training {'+'.join(trained)}, device {device} x{world}{parallel}, {dtype}")
 
     # ---------------------------------------------------------------- optimizer
     # No weight decay on norms, biases and the SSM's A_log and D, as upstream Mamba.
@@ -147,8 +166,6 @@ def main():
     groups = []
     for part in COMPONENTS:
         params = list(getattr(raw_model, part).named_parameters())
-        for _, p in params:
-            p.requires_grad_(part in trained)
         if part in trained:
             for decay in (True, False):
                 chosen = [p for n, p in params if no_decay(n, p) != decay]
@@ -156,7 +173,7 @@ def main():
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=cuda)
     step = 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(sharded_like_params(state["optimizer"], optimizer))
         step = state["step"]
 
     # ---------------------------------------------------------------- data
@@ -197,10 +214,15 @@ def main():
 
     # ---------------------------------------------------------------- training loop
     def save():
+        # The whole weights and AdamW state (gathered from the shards under FSDP: every process
+        # takes part), written by the master alone, so a run resumes on any number of processes.
+        weights = {k: gathered(v, master) for k, v in raw_model.state_dict().items()
+                   if k.split(".")[0] in trained and k != TIED}  # the tied head is the embedding
+        opt_state = optimizer.state_dict()
+        opt_state["state"] = {i: {k: gathered(v, master) for k, v in s.items()} for i, s in opt_state["state"].items()}
         if master:
-            save_model(out, raw_model, tokenizer, trained)
-            weights = {k: v for k, v in raw_model.state_dict().items() if k.split(".")[0] in trained}
-            save_train_state(out, dict(model=weights, optimizer=optimizer.state_dict(), step=step))
+            save_model(out, raw_model, tokenizer, trained, weights)
+            save_train_state(out, dict(model=weights, optimizer=opt_state, step=step))
 
     # MFU: model FLOPs (VLMamba.training_flops) over the card's peak bf16 rate.
     peak = next((rate for name, rate in PEAK_FLOPS.items() if cuda and name in torch.cuda.get_device_name()), 0)
@@ -223,7 +245,7 @@ def main():
             losses.append(loss.item())
             tokens += (input_ids.numel() + pixel_values.shape[0] * cfg.vision.num_patches) * world
             flops += raw_model.training_flops(input_ids.shape[1]) * input_ids.shape[0] * world
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)  # over all shards
         optimizer.step()
         step += 1
         if step % args.log_every == 0 or step == steps:
@@ -233,14 +255,15 @@ def main():
             gpu = f" | MFU {flops / elapsed / (peak * world):.1%}" if peak else ""
             gpu += f" | {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""
             log(f"step {step:5d}/{steps} | loss {loss:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
-                f"grad norm {grad_norm:.2f} | {tokens / elapsed:,.0f} tok/s{gpu} | ETA {eta / 60:.1f} min"
+                f"grad norm {gathered(grad_norm).item():.2f} | {tokens / elapsed:,.0f} tok/s{gpu} | "
+                f"ETA {eta / 60:.1f} min"
                 + (f" | {skipped} bad samples skipped" if skipped else ""))
         if step % args.save_every == 0 or step == steps:
             save()
 
     # ---------------------------------------------------------------- held-out evaluation
-    if master and shapes:
-        accuracy = evaluate(raw_model, tokenizer, device, autocast)
+    if shapes:
+        accuracy = evaluate(raw_model, tokenizer, device, autocast)  # every process: FSDP's forward needs all
         log(f"\n{'family':<10} {'accuracy':>8}")
         for family in FAMILIES:
             log(f"{family:<10} {100 * accuracy[family]:7.1f}%")
@@ -248,8 +271,29 @@ def main():
         log(f"held-out accuracy: {100 * sum(accuracy.values()) / len(accuracy):.1f}%")
     elif master:
         log(f"saved {out}/ ({time.time() - t0:.0f} s, {skipped} bad samples skipped)")
-    if ddp:
+    if distributed:
         dist.destroy_process_group()
+
+
+def gathered(tensor, keep=True):
+    """The whole tensor on the CPU (None unless keep). Under FSDP each process holds a shard of it
+    and every process must take part in the gather."""
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.cpu() if keep else None
+
+
+def sharded_like_params(optimizer_state, optimizer):
+    """A saved (whole) optimizer state cut like the optimizer's parameters: under FSDP each process
+    keeps its own shard of every tensor (cut from its local copy, no communication)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, state in optimizer_state["state"].items():
+        p = params[i]
+        if isinstance(p, DTensor):
+            optimizer_state["state"][i] = {
+                k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None) if v.dim() else v
+                for k, v in state.items()}
+    return optimizer_state
 
 
 @torch.no_grad()

@@ -39,10 +39,11 @@ def atomic_write(path: Path, write):
     os.replace(tmp, path)
 
 
-def save_model(folder, model: VLMamba, tokenizer: Tokenizer, components=COMPONENTS):
+def save_model(folder, model: VLMamba, tokenizer: Tokenizer, components=COMPONENTS, state_dict=None):
+    """state_dict: the whole weights where the model holds only a shard of them (train.py --fsdp)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+    weights = {k: v.detach().contiguous() for k, v in (state_dict or model.state_dict()).items()
                if k.split(".")[0] in components and k != TIED}
     metadata = {"components": ",".join(components)}
     atomic_write(folder / "model.safetensors", lambda p: save_file(weights, str(p), metadata=metadata))
