@@ -153,7 +153,8 @@ def main():
             fully_shard(unit)
         fully_shard(model)  # the same module object, its parameters now shards (DTensors)
     elif distributed:
-        model = DDP(model, device_ids=[torch.device(device).index] if cuda else None)
+        # gradients stored in DDP's all-reduce buckets: no second copy of them (11 GB for the 2.8B LM)
+        model = DDP(model, device_ids=[torch.device(device).index] if cuda else None, gradient_as_bucket_view=True)
     n_params = sum(p.numel() for p in raw_model.parameters())  # a shard's numel() is the whole tensor's
     name = "from checkpoint" if args.resume or args.init else args.preset
     parallel = " FSDP" if args.fsdp else " DDP" if distributed else ""

@@ -1,0 +1,164 @@
+"""`python -m minivlmamba.bench generate`: decode speed of VL-Mamba-2.8B's shapes (random weights,
+bf16): a whole chat request, batch-1 decode against the HBM roofline, batches, long contexts."""
+
+import time
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from minivlmamba.bench.common import copy_bandwidth
+from minivlmamba.config import preset
+from minivlmamba.generate import CudaGraphDecoder, fused_step
+from minivlmamba.vlm import EOT_ID, VLMamba
+
+
+def paper_model(name):
+    """The preset's VL-Mamba with random weights, built directly in bf16 on the GPU."""
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = VLMamba(preset(name)).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    with torch.no_grad():
+        model.lm.backbone.embedding.weight[EOT_ID] = 0  # end-of-text scores 0: random weights never stop early
+    return model
+
+
+def replay_rate(decoder, batch_size):
+    """Tokens per second of a captured decode step, replayed back to back."""
+    return batch_size / (do_bench(decoder.graph.replay, return_mode="median") * 1e-3)
+
+
+def products_rate(lm):
+    """Tokens per second of a graph of the batch-1 step's matrix-vector products alone: each weight
+    read once by cuBLAS, nothing else. The best a step built on them can do."""
+    cfg, dev, bf16 = lm.cfg, "cuda", torch.bfloat16
+    h, x, dt = (torch.randn(1, width, device=dev, dtype=bf16) for width in (cfg.d_model, cfg.d_inner, cfg.dt_rank))
+
+    def products():
+        for block in lm.backbone.layers:
+            mixer = block.mixer
+            F.linear(h, mixer.in_proj.weight)
+            F.linear(x, mixer.x_proj.weight)
+            F.linear(dt, mixer.dt_proj.weight)
+            F.linear(x, mixer.out_proj.weight)
+        lm.lm_head(h)
+
+    products()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        products()
+    return 1 / (do_bench(graph.replay, return_mode="median") * 1e-3)
+
+
+def request(model, pixel_values, prompt, new_tokens):
+    """One chat request as chat.py runs it: encode the image, prefill, stream new_tokens greedy tokens.
+    -> (total seconds, seconds to the first token, tokens generated)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    cache = model.lm.allocate_cache(1)
+    logits = model.prefill(pixel_values, prompt, cache)
+    first, count = None, 0
+    for token in model.generate(logits, cache, new_tokens):
+        token.item()  # streaming: every token reaches the host
+        first, count = first or time.perf_counter() - start, count + 1
+    return time.perf_counter() - start, first, count
+
+
+def transformers_rate(cfg, new_tokens=32):
+    """Decode tokens/s of transformers' MambaForCausalLM of the same shapes (its PyTorch path), or None."""
+    try:
+        from transformers import MambaConfig as HFMambaConfig, MambaForCausalLM
+    except ImportError:
+        return None
+    hf_cfg = HFMambaConfig(vocab_size=cfg.vocab_padded, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
+                           state_size=cfg.d_state, expand=cfg.expand, conv_kernel=cfg.d_conv,
+                           time_step_rank=cfg.dt_rank, use_bias=False, use_conv_bias=True)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            hf = MambaForCausalLM(hf_cfg).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    ids = torch.randint(2, 50000, (1, 8), device="cuda")
+
+    def seconds(n):  # generate exactly n tokens after the 8-token prompt
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=1)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    seconds(2)  # warm-up
+    rate = new_tokens / (seconds(new_tokens + 2) - seconds(2))  # the difference leaves out the prefill
+    del hf
+    torch.cuda.empty_cache()
+    return rate
+
+
+@torch.inference_mode()
+def bench_generate(args):
+    bw = copy_bandwidth()
+    model = paper_model(args.preset)
+    lm, vision = model.lm, model.cfg.vision
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())  # the tied lm_head counted once
+    roofline = bw / weight_bytes
+    print(f"device: {torch.cuda.get_device_name()}   copy bandwidth: {bw / 1e12:.2f} TB/s   "
+          f"preset {args.preset}, random weights, bf16")
+    print(f"LM weights {weight_bytes / 1e9:.2f} GB: HBM roofline at batch 1 = {roofline:.0f} tok/s")
+
+    pixel_values = torch.randn(1, 3, vision.image_size, vision.image_size, device="cuda", dtype=torch.bfloat16)
+    prompt = torch.randint(2, 50000, (1, args.prompt_tokens), device="cuda")
+    request(model, pixel_values, prompt, 4)  # warm-up: compiles the kernels, captures the graph
+    total, first, count = sorted(request(model, pixel_values, prompt, args.new_tokens) for _ in range(3))[1]
+    print(f"(a) whole request, {vision.num_patches} image tokens + {args.prompt_tokens}-token prompt + {count} new "
+          f"tokens: {total:.3f} s (first token after {first * 1e3:.0f} ms), {count / total:.0f} tok/s overall")
+
+    rates = {}
+    cache, ids = lm.allocate_cache(1), torch.randint(2, 50000, (1,), device="cuda")
+    rates["eager, readable step"] = 1 / (do_bench(lambda: lm.step(ids, cache), return_mode="median") * 1e-3)
+    rates["eager, fused step"] = 1 / (do_bench(lambda: fused_step(lm, ids, cache), return_mode="median") * 1e-3)
+    rates["CUDA graph, readable step"] = replay_rate(CudaGraphDecoder(lm, 1, fused=False), 1)
+    rates["CUDA graph, matrix products alone"] = products_rate(lm)
+    print("(b) decode at batch 1:")
+    for name, rate in rates.items():
+        print(f"    {name:<36} {rate:>6.0f} tok/s  {rate / roofline:>4.0%} of the roofline")
+    decoders = {}
+    for b in (1, 8, 64):
+        decoders[b] = CudaGraphDecoder(lm, b)
+        print(f"    CUDA graph, fused step, batch {b:<3}     {replay_rate(decoders[b], b):>6.0f} tok/s")
+
+    print("(c) batch 1 at long context (prefill eager, then decode):")
+    decoder = decoders[1]
+    for context in (1024, 16384):
+        ids = torch.randint(2, 50000, (1, context), device="cuda")
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        lm.hidden_states(lm.backbone.embedding(ids), decoder.cache)  # prefill into the graph's cache
+        torch.cuda.synchronize()
+        prefill = time.perf_counter() - start
+        torch.cuda.reset_peak_memory_stats()
+        rate = replay_rate(decoder, 1)
+        print(f"    context {context:>5}: prefill {prefill * 1e3:>5.0f} ms ({context / prefill:>6.0f} tok/s), decode "
+              f"{rate:.0f} tok/s, peak GPU memory while decoding {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+    fused = replay_rate(decoder, 1)
+    print(f"(d) roofline: {weight_bytes / 1e9:.2f} GB / {bw / 1e12:.2f} TB/s = {roofline:.0f} tok/s; fused CUDA-graph "
+          f"step at batch 1: {fused:.0f} tok/s = {fused / roofline:.0%} of it")
+    hf = transformers_rate(lm.cfg) if args.transformers else None
+    if hf is not None:
+        print(f"    transformers MambaForCausalLM (PyTorch path), same shapes, batch 1: {hf:.1f} tok/s "
+              f"({fused / hf:.1f}x slower than ours)")
+
+
+def add_parser(sub):
+    generate = sub.add_parser("generate", help="decode speed of the paper's model shapes (random weights, bf16)")
+    generate.add_argument("--preset", default="vl-mamba-2.8b", help="model shapes (minivlmamba.config.PRESETS)")
+    generate.add_argument("--prompt-tokens", type=int, default=32, help="text tokens after the image")
+    generate.add_argument("--new-tokens", type=int, default=256, help="tokens generated per request")
+    generate.add_argument("--no-transformers", dest="transformers", action="store_false",
+                          help="skip the comparison with transformers' MambaForCausalLM")
+    generate.set_defaults(run=bench_generate)
