@@ -134,18 +134,16 @@ class MambaMixer(nn.Module):
         convolution and the scan: each switch is a transposing copy (slow: one side of it is strided),
         five in the forward and as many in the backward. Here the products are plain matrix products
         on the channels-first layout (cuBLAS reads either operand transposed for free), the causal
-        convolution runs over the (di, b, l) grid, and the scan reads (b, di, l) views of it (it takes
-        any strides with contiguous steps). One copy is left: the scan's output, to channels first.
-        Same parameters, same result (tests/test_training.py).
+        convolution + SiLU is one Triton kernel each way (triton_conv.py), and the scan reads
+        (b, di, l) views (it takes any strides with contiguous steps). One copy is left: the scan's
+        output, to channels first. Same parameters, same result (tests/test_training.py).
         """
+        from minivlmamba.triton_conv import causal_conv1d_silu  # here: Triton loads only when used
         b, l, d = hidden.shape
         di, n, r = self.cfg.d_inner, self.cfg.d_state, self.cfg.dt_rank
         xz = self.in_proj.weight @ hidden.reshape(b * l, d).t()  # (2di, b*l)
         x, z = xz.view(2, di, b, l).unbind(0)  # (di, b, l) each
-        # the causal depthwise conv along l, within each sequence: a (1, d_conv) conv2d over (di, b, l)
-        x = F.conv2d(x.unsqueeze(0), self.conv1d.weight.unsqueeze(2), self.conv1d.bias,
-                     padding=(0, self.cfg.d_conv - 1), groups=di)[0, :, :, :l]  # (di, b, l)
-        x = F.silu(x).reshape(di, b * l)  # (di, b*l)
+        x = causal_conv1d_silu(x, self.conv1d.weight[:, 0], self.conv1d.bias).view(di, b * l)  # (di, b*l)
         dt, B, C = (self.x_proj.weight @ x).split([r, n, n])  # (r, b*l), (n, b*l), (n, b*l)
         delta = self.dt_proj.weight @ dt  # (di, b*l); the bias goes into the scan as delta_bias
         seq = lambda t: t.view(-1, b, l).transpose(0, 1)  # (c, b*l) -> (b, c, l), a view

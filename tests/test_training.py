@@ -1,6 +1,7 @@
 """The training fast paths == their readable twins, values and gradients: the channels-first Mamba
-mixer (with the reference scan and with the Triton kernels, interpreted on a CPU) against the
-readable mixer, and the fused RMSNorm against its formula."""
+mixer (with the reference scan and with the Triton scan) against the readable mixer, the fused
+causal convolution + SiLU against torch's, and the fused RMSNorm against its formula. On a machine
+without CUDA the Triton kernels run in Triton's interpreter on the CPU."""
 
 import os
 
@@ -11,7 +12,10 @@ if not torch.cuda.is_available():
 
 import pytest
 
+import torch.nn.functional as F
+
 from minivlmamba.mamba import MambaConfig, MambaMixer, RMSNorm
+from minivlmamba.triton_conv import causal_conv1d_silu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -41,6 +45,22 @@ def test_channels_first_mixer_equals_readable_mixer(backend):
     tol = dict(rtol=1e-3, atol=2e-3) if DEVICE == "cuda" or backend == "triton" else dict(rtol=1e-5, atol=1e-5)
     for name, a, b in zip(["out", "hidden"] + [n for n, _ in fast.named_parameters()], got, want):
         torch.testing.assert_close(a.cpu(), b, **tol, msg=name)
+
+
+@pytest.mark.parametrize("b, l", [(3, 13), (2, 2), (1, 300)])  # odd l, l shorter than the kernel, several tiles
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_causal_conv_silu_equals_torch(b, l, dtype):
+    torch.manual_seed(0)
+    di, k = 6, 4
+    conv = torch.nn.Conv1d(di, di, k, groups=di, padding=k - 1)
+    x = torch.randn(2 * di, b * l)[:di].view(di, b, l).to(dtype)  # (di, b, l) with strided channels
+    readable = lambda x: F.silu(conv(x.float().transpose(0, 1))[..., :l]).transpose(0, 1)  # noqa: E731
+    fused = lambda x: causal_conv1d_silu(x, conv.weight[:, 0], conv.bias, block_c=4, block_t=128)  # noqa: E731
+    want = values_and_grads(conv, readable, x)
+    got = values_and_grads(conv.to(DEVICE), fused, x.to(DEVICE))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for name, a, b in zip(["out", "x", "weight", "bias"], got, want):
+        torch.testing.assert_close(a.cpu().float(), b.float(), **tol, msg=name)
 
 
 def test_rms_norm_equals_its_formula():

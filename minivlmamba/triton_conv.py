@@ -1,0 +1,123 @@
+"""Fused Triton kernels for Mamba's causal depthwise convolution followed by SiLU, forward and backward.
+
+Shape legend: b batch, l sequence length, di inner width (channels), k the kernel width (d_conv, 4).
+Inside the kernels: BLOCK_C channels x BLOCK_T steps of one sequence per program.
+
+What is computed (the same function as `F.silu(conv1d(x, weight, bias, padding=k-1, groups=di)[..., :l])`):
+    pre_t = bias + sum_j weight_j x_{t-(k-1)+j}      (x_s = 0 for s < 0: causal, each sequence alone)
+    out_t = silu(pre_t)
+and its backward, with g_t = dout_t silu'(pre_t):
+    dx_s = sum_j weight_j g_{s+(k-1)-j},    dweight_j = sum_{b,t} g_t x_{t-(k-1)+j},    dbias = sum_{b,t} g_t
+
+Why a kernel: torch's depthwise convolution reads and writes the tensor several times (padding, the
+convolution, the slice, the SiLU, and three kernels in the backward) and saves the pre-activation;
+here each pass reads x once (the k shifted loads of a tile hit the cache) and nothing but x is
+saved: the backward recomputes pre_t, which costs k multiply-adds. The input is read in the
+channels-first layout (di, b, l) of the training forward (mamba.py), with any channel and sequence
+strides; the steps must be contiguous.
+
+Official implementation: Dao-AILab/causal-conv1d (CUDA), which fuses the same way.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _pre(x_row, w_ptr, bias, c, mc, t, L, K: tl.constexpr):
+    """The pre-activation at steps t: (BLOCK_C, BLOCK_T) fp32, zero outside [0, L)."""
+    acc = tl.zeros((c.shape[0], t.shape[0]), tl.float32) + bias
+    for j in tl.static_range(K):
+        s = t - (K - 1) + j  # the input step weight j reads
+        xs = tl.load(x_row + s[None, :], mask=mc[:, None] & ((s >= 0) & (s < L))[None, :], other=0.0)
+        acc += tl.load(w_ptr + c * K + j, mask=mc, other=0.0).to(tl.float32)[:, None] * xs.to(tl.float32)
+    return tl.where(((t >= 0) & (t < L))[None, :], acc, 0.0)
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, DI, L, s_xc, s_xb, s_oc, s_ob,
+                     K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+    pid_t, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,) channels
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,) steps
+    mc = c < DI
+    bias = tl.load(bias_ptr + c, mask=mc, other=0.0).to(tl.float32)[:, None]  # (BLOCK_C, 1)
+    pre = _pre(x_ptr + pid_b * s_xb + c[:, None] * s_xc, w_ptr, bias, c, mc, t, L, K)  # (BLOCK_C, BLOCK_T)
+    out = pre * tl.sigmoid(pre)
+    tl.store(out_ptr + pid_b * s_ob + c[:, None] * s_oc + t[None, :], out, mask=mc[:, None] & (t < L)[None, :])
+
+
+@triton.jit
+def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr, DI, L,
+                     s_xc, s_xb, s_dc, s_db, s_gc, s_gb,
+                     K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+    pid_t, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    mc = c < DI
+    bias = tl.load(bias_ptr + c, mask=mc, other=0.0).to(tl.float32)[:, None]
+    x_row = x_ptr + pid_b * s_xb + c[:, None] * s_xc  # (BLOCK_C, 1)
+    dout_row = dout_ptr + pid_b * s_db + c[:, None] * s_dc
+    dx = tl.zeros((BLOCK_C, BLOCK_T), tl.float32)
+    for j in tl.static_range(K):
+        # g at the output step that reads input step t through weight j; j = k-1 is step t itself
+        s = t + (K - 1) - j
+        pre = _pre(x_row, w_ptr, bias, c, mc, s, L, K)
+        sig = tl.sigmoid(pre)
+        dout = tl.load(dout_row + s[None, :], mask=mc[:, None] & (s < L)[None, :], other=0.0).to(tl.float32)
+        g = dout * sig * (1.0 + pre * (1.0 - sig))  # silu'(pre) = sig (1 + pre (1 - sig))
+        dx += tl.load(w_ptr + c * K + j, mask=mc, other=0.0).to(tl.float32)[:, None] * g
+        if j == K - 1:  # g at the tile's own steps: the weight and bias gradients, summed over the tile
+            tl.atomic_add(dbias_ptr + c, tl.sum(g, axis=1), mask=mc, sem="relaxed")
+            for i in tl.static_range(K):
+                xs = tl.load(x_row + (t - (K - 1) + i)[None, :],
+                             mask=mc[:, None] & ((t - (K - 1) + i >= 0) & (t < L))[None, :], other=0.0)
+                tl.atomic_add(dw_ptr + c * K + i, tl.sum(g * xs.to(tl.float32), axis=1), mask=mc, sem="relaxed")
+    tl.store(dx_ptr + pid_b * s_gb + c[:, None] * s_gc + t[None, :], dx, mask=mc[:, None] & (t < L)[None, :])
+
+
+def _launch_grid(di, b, l, block_c, block_t):
+    return triton.cdiv(l, block_t), triton.cdiv(di, block_c), b
+
+
+class CausalConvSiLU(torch.autograd.Function):
+    """Autograd wrapper: saves x and the weights only; the backward recomputes the pre-activation."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, block_c, block_t):
+        di, b, l = x.shape
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        out = torch.empty(di, b, l, device=x.device, dtype=x.dtype)
+        _conv_fwd_kernel[_launch_grid(di, b, l, block_c, block_t)](
+            x, weight, bias, out, di, l, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            K=weight.shape[1], BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.blocks = block_c, block_t
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias = ctx.saved_tensors
+        di, b, l = x.shape
+        block_c, block_t = ctx.blocks
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        dx = torch.empty(di, b, l, device=x.device, dtype=x.dtype)
+        dw = torch.zeros(di, weight.shape[1], device=x.device, dtype=torch.float32)
+        dbias = torch.zeros(di, device=x.device, dtype=torch.float32)
+        _conv_bwd_kernel[_launch_grid(di, b, l, block_c, block_t)](
+            x, weight, bias, dout, dx, dw, dbias, di, l, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
+            dx.stride(0), dx.stride(1), K=weight.shape[1], BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
+        return dx, dw.to(weight.dtype), dbias.to(bias.dtype), None, None
+
+
+def causal_conv1d_silu(x, weight, bias, block_c=4, block_t=256):
+    """silu(causal depthwise conv of each sequence) on fused Triton kernels.
+
+    Args: x (di, b, l), steps contiguous, any other strides; weight (di, k); bias (di,).
+    Returns: (di, b, l) contiguous, in x's dtype (all math in fp32).
+    """
+    weight, bias = weight.contiguous(), bias.contiguous()
+    return CausalConvSiLU.apply(x, weight, bias, block_c, block_t)
