@@ -20,7 +20,8 @@ The same function serves the language model (g = 1) and the vision connector, wh
 image in k orders at once by giving each direction its own group of B and C (g = k).
 
 Official implementation: mamba_ssm/ops/selective_scan_interface.py (`selective_scan_ref` is the
-semantic spec; we keep its signature). The fused Triton kernels live in `triton_scan.py`.
+semantic spec; we keep its signature). `selective_scan_torch` is the same computation arranged to
+run fast on a CPU; the fused GPU kernels live in `triton_scan.py`.
 """
 
 import torch
@@ -77,6 +78,62 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (out, h) if return_last_state else out
 
 
+class _LinearRecurrence(torch.autograd.Function):
+    """h_t = a_t * h_{t-1} + x_t along the first axis, h_{-1} = 0, with a hand-written backward.
+
+    The backward of a linear recurrence is the same recurrence run backwards in time:
+        g_t = dL/dh_t (from the outputs) + a_{t+1} * g_{t+1},   dL/dx_t = g_t,   dL/da_t = g_t * h_{t-1}
+    so it costs one multiply-add a step, where autograd through a loop stores and replays every step.
+    """
+
+    @staticmethod
+    def forward(ctx, a, x):  # a, x (l, ...) contiguous
+        h = torch.empty_like(x)
+        h[0] = x[0]
+        for t in range(1, len(x)):
+            torch.addcmul(x[t], a[t], h[t - 1], out=h[t])
+        ctx.save_for_backward(a, h)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        a, h = ctx.saved_tensors
+        g = torch.empty_like(h)
+        g[-1] = grad_h[-1]
+        for t in range(len(h) - 2, -1, -1):
+            torch.addcmul(grad_h[t], a[t + 1], g[t + 1], out=g[t])
+        grad_a = torch.zeros_like(a)
+        grad_a[1:] = g[1:] * h[:-1]
+        return grad_a, g
+
+
+def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                         return_last_state=False):
+    """The same scan, exact, several times faster on a CPU than the reference (same arguments).
+
+    Time is moved to the first axis so every step of the loop reads contiguous memory, and the
+    recurrence gets the hand-written backward above; the rest is left to autograd.
+    """
+    dtype_in = u.dtype
+    u = u.float()
+    delta = _softplus_delta(delta, delta_bias, delta_softplus)  # (b, di, l)
+    di = u.shape[1]
+    time_first = lambda x: x.movedim(-1, 0).contiguous()  # (b, ..., l) -> (l, b, ...)
+    B = time_first(_per_channel(B.float(), di))  # (l, b, di or 1, n)
+    C = time_first(_per_channel(C.float(), di))
+    delta_t = time_first(delta)  # (l, b, di)
+    decay = torch.exp(delta_t[..., None] * A.float())  # (l, b, di, n)
+    drive = (delta_t * time_first(u))[..., None] * B  # (l, b, di, n)
+    h = _LinearRecurrence.apply(decay, drive)  # (l, b, di, n): every state
+    y = (h * C).sum(-1).permute(1, 2, 0)  # (b, di, l)
+    if D is not None:
+        y = y + D.float()[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.float())
+    out = y.to(dtype_in)
+    return (out, h[-1]) if return_last_state else out
+
+
 def selective_state_update_ref(ssm_state, x, delta, A, B, C, D=None, z=None, delta_bias=None,
                                delta_softplus=False):
     """One time step of the scan for decoding; updates ssm_state in place.
@@ -100,11 +157,11 @@ def selective_state_update_ref(ssm_state, x, delta, A, B, C, D=None, z=None, del
 
 
 def _backend(backend: str, tensor: torch.Tensor) -> str:
-    """"auto" means the Triton kernels for CUDA tensors and the reference otherwise."""
+    """"auto" means the Triton kernels for CUDA tensors and the PyTorch path otherwise."""
     if backend == "auto":
-        return "triton" if tensor.is_cuda else "ref"
-    if backend not in ("triton", "ref"):
-        raise ValueError(f"unknown scan backend {backend!r}: expected 'auto', 'triton' or 'ref'")
+        return "triton" if tensor.is_cuda else "torch"
+    if backend not in ("triton", "torch", "ref"):
+        raise ValueError(f"unknown scan backend {backend!r}: expected 'auto', 'triton', 'torch' or 'ref'")
     return backend
 
 
@@ -112,19 +169,21 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                    return_last_state=False, backend="auto"):
     """The selective scan with a choice of implementation (same arguments as selective_scan_ref).
 
-    backend: "auto" takes the fused Triton kernels for CUDA tensors and the reference otherwise;
-    "triton" or "ref" force one.
+    backend: "auto" takes the fused Triton kernels for CUDA tensors and `selective_scan_torch`
+    otherwise; "triton", "torch" or "ref" force one.
     """
-    if _backend(backend, u) == "ref":
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    from minivlmamba.triton_scan import selective_scan_triton  # here: Triton loads only when used
-    return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    name = _backend(backend, u)
+    if name == "triton":
+        from minivlmamba.triton_scan import selective_scan_triton as fn  # here: Triton loads only when used
+    else:
+        fn = selective_scan_torch if name == "torch" else selective_scan_ref
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
 def selective_state_update(ssm_state, x, delta, A, B, C, D=None, z=None, delta_bias=None,
                            delta_softplus=False, backend="auto"):
     """One decode step (same arguments as selective_state_update_ref), Triton on CUDA."""
-    if _backend(backend, x) == "ref":
+    if _backend(backend, x) != "triton":
         return selective_state_update_ref(ssm_state, x, delta, A, B, C, D, z, delta_bias, delta_softplus)
     from minivlmamba.triton_scan import selective_state_update_triton
     return selective_state_update_triton(ssm_state, x, delta, A, B, C, D, z, delta_bias, delta_softplus)

@@ -1,9 +1,10 @@
-"""The reference selective scan against an independent formula, and its decode step against the scan."""
+"""The reference selective scan against an independent formula, its decode step against the scan, and
+the fast CPU path against the reference."""
 
 import torch
 import torch.nn.functional as F
 
-from minivlmamba.scan import selective_scan, selective_scan_ref, selective_state_update_ref
+from minivlmamba.scan import selective_scan, selective_scan_ref, selective_scan_torch, selective_state_update_ref
 
 
 def random_inputs(b=2, di=6, l=7, n=4, g=None, dtype=torch.float32, seed=0):
@@ -77,9 +78,27 @@ def test_bf16_inputs_give_bf16_output_close_to_fp32():
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=5e-2)
 
 
-def test_dispatch_uses_reference_on_cpu_and_rejects_unknown_backend():
+def test_torch_path_matches_reference_values_state_and_gradients():
+    for g in (None, 2):
+        x = {k: v.double().requires_grad_() for k, v in random_inputs(l=9, g=g).items()}
+        w = torch.randn(2, 6, 9, dtype=torch.float64)  # a loss that weighs every output differently
+        grads = []
+        for scan in (selective_scan_ref, selective_scan_torch):
+            out, last = scan(**x, delta_softplus=True, return_last_state=True)
+            grads.append(torch.autograd.grad((out * w).sum() + last.pow(2).sum(), list(x.values())))
+            if scan is selective_scan_ref:
+                ref_out, ref_last = out, last
+        close = dict(rtol=1e-5, atol=1e-5)  # both compute in fp32, summing in different orders
+        torch.testing.assert_close(out, ref_out, **close)
+        torch.testing.assert_close(last, ref_last, **close)
+        for name, ours, ref in zip(x, *grads):
+            torch.testing.assert_close(ours, ref, **close, msg=lambda m: f"d{name}: {m}")
+
+
+def test_dispatch_uses_torch_path_on_cpu_and_rejects_unknown_backend():
     x = random_inputs()
     torch.testing.assert_close(selective_scan(**x, backend="auto"), selective_scan_ref(**x))
+    torch.testing.assert_close(selective_scan(**x, backend="ref"), selective_scan_ref(**x))
     try:
         selective_scan(**x, backend="cuda-magic")
     except ValueError as e:
