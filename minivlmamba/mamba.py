@@ -229,12 +229,19 @@ class MambaLM(nn.Module):
         With a cache this is the prefill: it also leaves every layer's state in the cache.
         """
         x = inputs_embeds.float()  # (b, l, d): the residual stream
+        l = x.shape[1]
+        if cache is None and x.is_cuda:
+            # The channels-first mixers multiply (di, b * l) matrices: cuBLAS's fast kernels and the
+            # scan's vector loads need rows that start 16-byte aligned (at an odd b * l the products ran
+            # 4x slower). So each sequence is padded at its end to a multiple of 16 steps; every layer is
+            # causal or per step, so the padding changes no real step and receives no gradient.
+            x = F.pad(x, (0, 0, 0, -l % 16))  # (b, lp, d)
         for block in self.backbone.layers:
             if self.gradient_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)  # recomputed in backward
             else:
                 x = block(x, cache)
-        return self.backbone.norm_f(x)
+        return self.backbone.norm_f(x[:, :l])
 
     def forward(self, input_ids=None, inputs_embeds=None, cache: InferenceCache | None = None):
         """input_ids (b, l) or inputs_embeds (b, l, d) -> logits (b, l, v)."""

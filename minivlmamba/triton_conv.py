@@ -51,34 +51,39 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, DI, L, s_xc, s_xb, s_oc, s
 @triton.jit
 def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr, DI, L,
                      s_xc, s_xb, s_dc, s_db, s_gc, s_gb,
-                     K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
-    pid_t, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+                     K: tl.constexpr, KP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+    # One program walks a whole sequence for BLOCK_C channels, so that the weight and bias gradients
+    # add up in registers and reach memory once per program (a reduction and atomics per tile cost
+    # more than the tile's arithmetic).
+    pid_c, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,) channels
+    i = tl.arange(0, KP)  # (KP,) taps
     mc = c < DI
-    bias = tl.load(bias_ptr + c, mask=mc, other=0.0).to(tl.float32)[:, None]
+    bias = tl.load(bias_ptr + c, mask=mc, other=0.0).to(tl.float32)[:, None]  # (BLOCK_C, 1)
     x_row = x_ptr + pid_b * s_xb + c[:, None] * s_xc  # (BLOCK_C, 1)
     dout_row = dout_ptr + pid_b * s_db + c[:, None] * s_dc
-    dx = tl.zeros((BLOCK_C, BLOCK_T), tl.float32)
-    for j in tl.static_range(K):
-        # g at the output step that reads input step t through weight j; j = k-1 is step t itself
-        s = t + (K - 1) - j
-        pre = _pre(x_row, w_ptr, bias, c, mc, s, L, K)
-        sig = tl.sigmoid(pre)
-        dout = tl.load(dout_row + s[None, :], mask=mc[:, None] & (s < L)[None, :], other=0.0).to(tl.float32)
-        g = dout * sig * (1.0 + pre * (1.0 - sig))  # silu'(pre) = sig (1 + pre (1 - sig))
-        dx += tl.load(w_ptr + c * K + j, mask=mc, other=0.0).to(tl.float32)[:, None] * g
-        if j == K - 1:  # g at the tile's own steps: the weight and bias gradients, summed over the tile
-            tl.atomic_add(dbias_ptr + c, tl.sum(g, axis=1), mask=mc, sem="relaxed")
-            for i in tl.static_range(K):
-                xs = tl.load(x_row + (t - (K - 1) + i)[None, :],
-                             mask=mc[:, None] & ((t - (K - 1) + i >= 0) & (t < L))[None, :], other=0.0)
-                tl.atomic_add(dw_ptr + c * K + i, tl.sum(g * xs.to(tl.float32), axis=1), mask=mc, sem="relaxed")
-    tl.store(dx_ptr + pid_b * s_gb + c[:, None] * s_gc + t[None, :], dx, mask=mc[:, None] & (t < L)[None, :])
-
-
-def _launch_grid(di, b, l, block_c, block_t):
-    return triton.cdiv(l, block_t), triton.cdiv(di, block_c), b
+    dw = tl.zeros((BLOCK_C, KP), tl.float32)
+    dbias = tl.zeros((BLOCK_C,), tl.float32)
+    for t0 in range(0, L, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)  # (BLOCK_T,) steps
+        dx = tl.zeros((BLOCK_C, BLOCK_T), tl.float32)
+        for j in tl.static_range(K):
+            s = t + (K - 1) - j  # the output step that reads input step t through weight j
+            pre = _pre(x_row, w_ptr, bias, c, mc, s, L, K)
+            sig = tl.sigmoid(pre)
+            dout = tl.load(dout_row + s[None, :], mask=mc[:, None] & (s < L)[None, :], other=0.0).to(tl.float32)
+            g = dout * sig * (1.0 + pre * (1.0 - sig))  # silu'(pre) = sig (1 + pre (1 - sig))
+            dx += tl.load(w_ptr + c * K + j, mask=mc, other=0.0).to(tl.float32)[:, None] * g
+            if j == K - 1:  # s = t: g at the tile's own steps, for the weight and bias gradients
+                dbias += tl.sum(g, axis=1)
+                for k in tl.static_range(K):
+                    xs = tl.load(x_row + (t - (K - 1) + k)[None, :],
+                                 mask=mc[:, None] & ((t - (K - 1) + k >= 0) & (t < L))[None, :],
+                                 other=0.0).to(tl.float32)
+                    dw += tl.where(i[None, :] == k, tl.sum(g * xs, axis=1)[:, None], 0.0)  # (BLOCK_C, KP)
+        tl.store(dx_ptr + pid_b * s_gb + c[:, None] * s_gc + t[None, :], dx, mask=mc[:, None] & (t < L)[None, :])
+    tl.atomic_add(dbias_ptr + c, dbias, mask=mc, sem="relaxed")  # the sum over sequences
+    tl.atomic_add(dw_ptr + c[:, None] * K + i[None, :], dw, mask=mc[:, None] & (i < K)[None, :], sem="relaxed")
 
 
 class CausalConvSiLU(torch.autograd.Function):
@@ -90,7 +95,7 @@ class CausalConvSiLU(torch.autograd.Function):
         if x.stride(-1) != 1:
             x = x.contiguous()
         out = torch.empty(di, b, l, device=x.device, dtype=x.dtype)
-        _conv_fwd_kernel[_launch_grid(di, b, l, block_c, block_t)](
+        _conv_fwd_kernel[(triton.cdiv(l, block_t), triton.cdiv(di, block_c), b)](
             x, weight, bias, out, di, l, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
             K=weight.shape[1], BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
         ctx.save_for_backward(x, weight, bias)
@@ -107,9 +112,10 @@ class CausalConvSiLU(torch.autograd.Function):
         dx = torch.empty(di, b, l, device=x.device, dtype=x.dtype)
         dw = torch.zeros(di, weight.shape[1], device=x.device, dtype=torch.float32)
         dbias = torch.zeros(di, device=x.device, dtype=torch.float32)
-        _conv_bwd_kernel[_launch_grid(di, b, l, block_c, block_t)](
+        _conv_bwd_kernel[(triton.cdiv(di, block_c), b)](
             x, weight, bias, dout, dx, dw, dbias, di, l, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
-            dx.stride(0), dx.stride(1), K=weight.shape[1], BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
+            dx.stride(0), dx.stride(1), K=weight.shape[1], KP=triton.next_power_of_2(weight.shape[1]),
+            BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
         return dx, dw.to(weight.dtype), dbias.to(bias.dtype), None, None
 
 

@@ -14,7 +14,7 @@ import pytest
 
 import torch.nn.functional as F
 
-from minivlmamba.mamba import MambaConfig, MambaMixer, RMSNorm
+from minivlmamba.mamba import MambaConfig, MambaLM, MambaMixer, RMSNorm
 from minivlmamba.triton_conv import causal_conv1d_silu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,7 +27,7 @@ def values_and_grads(module, fn, x):
     out = fn(x)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
     (out * weights).sum().backward()
-    return [out, x.grad] + [p.grad for p in module.parameters()]
+    return [t.detach().clone() for t in [out, x.grad] + [p.grad for p in module.parameters()]]
 
 
 @pytest.mark.parametrize("backend", ["ref", "triton"])
@@ -45,6 +45,19 @@ def test_channels_first_mixer_equals_readable_mixer(backend):
     tol = dict(rtol=1e-3, atol=2e-3) if DEVICE == "cuda" or backend == "triton" else dict(rtol=1e-5, atol=1e-5)
     for name, a, b in zip(["out", "hidden"] + [n for n, _ in fast.named_parameters()], got, want):
         torch.testing.assert_close(a.cpu(), b, **tol, msg=name)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the LM pads its sequences for the channels-first mixers on CUDA only")
+def test_lm_on_the_gpu_equals_the_readable_lm():
+    torch.manual_seed(0)
+    readable = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=50, d_state=4))
+    fast = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=50, d_state=4)).to(DEVICE)
+    fast.load_state_dict(readable.state_dict())
+    embeds = torch.randn(3, 13, 16)  # b * l = 39: padded to 3 x 16 steps on the GPU
+    want = values_and_grads(readable, lambda e: readable(inputs_embeds=e), embeds)
+    got = values_and_grads(fast, lambda e: fast(inputs_embeds=e), embeds.to(DEVICE))
+    for name, a, b in zip(["logits", "embeds"] + [n for n, _ in fast.named_parameters()], got, want):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=2e-3, msg=name)
 
 
 @pytest.mark.parametrize("b, l", [(3, 13), (2, 2), (1, 300)])  # odd l, l shorter than the kernel, several tiles
