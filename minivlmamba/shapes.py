@@ -125,8 +125,12 @@ def ask(scene, family: str, rng: random.Random):
     raise ValueError(f"unknown family {family!r}")
 
 
-def training_sample(rng: random.Random, max_turns: int = 1):
-    """A training scene as (image, [(question, answer), ...]) with 1..max_turns questions."""
+def training_sample(rng: random.Random, max_turns: int = 2):
+    """A training scene as (image, [(question, answer), ...]) with 1..max_turns questions.
+
+    A second question about the same image is nearly free (the image tokens are already paid for)
+    and, asked after the first answer, trains the model to keep the image in its state longer.
+    """
     scene = make_scene(rng, held_out=False)
     turns = [ask(scene, rng.choice(families_for(scene)), rng) for _ in range(rng.randint(1, max_turns))]
     return render(scene, rng), turns
