@@ -197,7 +197,8 @@ class CudaGraphDecoder:
     moves in and from then on lives there, and the cache that held them before gets a copy of its
     own back, so any number of caches of this batch size can take turns.
 
-    fused=False captures the readable `MambaLM.step` instead (the baseline in bench.py).
+    fused=False captures the readable `MambaLM.step` instead (the baseline of
+    `python -m minivlmamba.bench generate`).
     """
 
     def __init__(self, lm: MambaLM, batch_size, fused=True):
