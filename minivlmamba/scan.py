@@ -185,5 +185,5 @@ def selective_state_update(ssm_state, x, delta, A, B, C, D=None, z=None, delta_b
     """One decode step (same arguments as selective_state_update_ref), Triton on CUDA."""
     if _backend(backend, x) != "triton":
         return selective_state_update_ref(ssm_state, x, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    from minivlmamba.triton_scan import selective_state_update_triton
+    from minivlmamba.triton_decode import selective_state_update_triton
     return selective_state_update_triton(ssm_state, x, delta, A, B, C, D, z, delta_bias, delta_softplus)

@@ -1,4 +1,5 @@
-"""Fused Triton kernels for the selective scan: forward, backward, and the one-step decode update.
+"""Fused Triton kernels for the selective scan: forward and backward (the one-step decode update is
+in `triton_decode.py`).
 
 Shape legend: b batch, l sequence length, di inner width, n SSM state size, g groups of B/C
 (channel c reads group c // (di // g)). Inside the kernels: BLOCK_D channels per program, NP = n
@@ -53,7 +54,7 @@ Two things the backward's speed hangs on, neither visible in the math:
   warps, a few spills) made it 15% faster; 152, 184, 200 did not.
 
 Official implementation: mamba_ssm/csrc/selective_scan (CUDA, the same chunked design with block
-scans) and mamba_ssm/ops/triton/selective_state_update.py (the decode step). The backward follows
+scans). The backward follows
 its layout; it recomputes a_{t+1} with a second exponential instead of passing a_t between threads.
 The forward differs (each thread scans its 16 steps sequentially, lanes over channels and n).
 """
@@ -369,62 +370,3 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     config = {"fwd": (chunk, block_d, num_warps), "bwd": (bwd_chunk, bwd_block_d, bwd_num_warps, bwd_maxnreg)}
     out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, config)
     return (out, last) if return_last_state else out
-
-
-@triton.jit
-def _state_update_kernel(
-    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
-    DI, N, GROUP,
-    s_hb, s_hd, s_hn, s_xb, s_xd, s_tb, s_td, s_zb, s_zd, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, NP: tl.constexpr,
-):
-    pid_d, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
-    n = tl.arange(0, NP)  # (NP,)
-    md = d < DI
-    mdn = md[:, None] & (n < N)[None, :]  # (BLOCK_D, NP)
-    grp = d // GROUP  # (BLOCK_D,) each channel's group of B and C
-    h_ptrs = state_ptr + pid_b * s_hb + d[:, None] * s_hd + n[None, :] * s_hn
-    h = tl.load(h_ptrs, mask=mdn, other=0.0)  # (BLOCK_D, NP) fp32
-    x = tl.load(x_ptr + pid_b * s_xb + d * s_xd, mask=md, other=0.0).to(tl.float32)  # (BLOCK_D,)
-    bias = tl.load(bias_ptr + d, mask=md) if HAS_BIAS else None
-    dt_raw = tl.load(dt_ptr + pid_b * s_tb + d * s_td, mask=md, other=0.0).to(tl.float32)
-    dt = _delta(dt_raw, bias, md, HAS_BIAS, SOFTPLUS)[:, None]  # (BLOCK_D, 1)
-    A2 = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mdn, other=0.0) * LOG2E
-    Bv = tl.load(B_ptr + pid_b * s_Bb + grp[:, None] * s_Bg + n[None, :] * s_Bn, mask=mdn, other=0.0)
-    Cv = tl.load(C_ptr + pid_b * s_Cb + grp[:, None] * s_Cg + n[None, :] * s_Cn, mask=mdn, other=0.0)
-    h = tl.exp2(dt * A2) * h + (dt * x[:, None]) * Bv.to(tl.float32)  # (BLOCK_D, NP)
-    tl.store(h_ptrs, h, mask=mdn)
-    y = tl.sum(h * Cv.to(tl.float32), axis=1)  # (BLOCK_D,)
-    if HAS_D:
-        y += tl.load(D_ptr + d, mask=md) * x
-    if HAS_Z:
-        z = tl.load(z_ptr + pid_b * s_zb + d * s_zd, mask=md, other=0.0).to(tl.float32)
-        y *= z * tl.sigmoid(z)
-    tl.store(out_ptr + pid_b * DI + d, y, mask=md)
-
-
-def selective_state_update_triton(ssm_state, x, delta, A, B, C, D=None, z=None, delta_bias=None,
-                                  delta_softplus=False):
-    """One decode step; updates ssm_state in place (no autotuning: a re-run would step twice).
-
-    Args: ssm_state (b, di, n) fp32; x, delta, z (b, di); A (di, n); B, C (b, n) or (b, g, n);
-    D, delta_bias (di,). Returns: y (b, di) in x's dtype. Launches one kernel and never syncs
-    with the host, so it can be captured in a CUDA graph.
-    """
-    b, di = x.shape
-    n = A.shape[1]
-    B = B.unsqueeze(1) if B.dim() == 2 else B  # (b, g, n)
-    C = C.unsqueeze(1) if C.dim() == 2 else C
-    A = A.float().contiguous()
-    out = torch.empty(b, di, device=x.device, dtype=x.dtype)
-    block_d = 32 if n <= 16 else 16 if n <= 32 else 8
-    _state_update_kernel[(triton.cdiv(di, block_d), b)](
-        ssm_state, x, delta, A, B, C, D, z, delta_bias, out,
-        di, n, di // B.shape[1],
-        *ssm_state.stride(), *x.stride(), *delta.stride(), *_strides(z, (0, 1)), *B.stride(), *C.stride(),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        BLOCK_D=block_d, NP=triton.next_power_of_2(n), num_warps=4,
-    )
-    return out

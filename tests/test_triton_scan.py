@@ -15,7 +15,8 @@ if not torch.cuda.is_available():
 import pytest
 
 from minivlmamba.scan import selective_scan_ref, selective_state_update_ref
-from minivlmamba.triton_scan import selective_scan_triton, selective_state_update_triton
+from minivlmamba.triton_decode import selective_state_update_triton
+from minivlmamba.triton_scan import selective_scan_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (6e-4, 2e-3), torch.bfloat16: (3e-2, 5e-2)}  # (rtol, atol), as upstream
