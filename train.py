@@ -282,8 +282,8 @@ def main():
             save()
 
     # ---------------------------------------------------------------- held-out evaluation
-    if shapes:
-        accuracy = evaluate(raw_model, tokenizer, device, autocast)  # every process: FSDP's forward needs all
+    if shapes and (master or args.fsdp):
+        accuracy = evaluate(raw_model, tokenizer, device, autocast)  # FSDP: every process, its forward needs all
         log(f"\n{'family':<10} {'accuracy':>8}")
         for family in FAMILIES:
             log(f"{family:<10} {100 * accuracy[family]:7.1f}%")

@@ -44,6 +44,15 @@ def _softplus_delta(delta, delta_bias, delta_softplus):
     return F.softplus(delta) if delta_softplus else delta
 
 
+def _skip_and_gate(y, u, D, z):
+    """The scan's output from y_t = C_t . h_t (b, di, l): plus the skip D * u, times the gate silu(z)."""
+    if D is not None:
+        y = y + D.float()[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y
+
+
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
     """The readable selective scan: a plain loop over time, all math in fp32.
@@ -70,11 +79,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         states.append(h)
     y = (torch.stack(states, dim=2) * C.transpose(-1, -2)).sum(-1)  # (b, di, l): y_t = C_t . h_t
 
-    if D is not None:
-        y = y + D.float()[:, None] * u
-    if z is not None:
-        y = y * F.silu(z.float())
-    out = y.to(dtype_in)
+    out = _skip_and_gate(y, u, D, z).to(dtype_in)
     return (out, h) if return_last_state else out
 
 
@@ -109,7 +114,7 @@ class _LinearRecurrence(torch.autograd.Function):
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          return_last_state=False):
-    """The same scan, exact, several times faster on a CPU than the reference (same arguments).
+    """The same scan, exact, about twice as fast on a CPU as the reference (same arguments).
 
     Time is moved to the first axis so every step of the loop reads contiguous memory, and the
     recurrence gets the hand-written backward above; the rest is left to autograd.
@@ -126,11 +131,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     drive = (delta_t * time_first(u))[..., None] * B  # (l, b, di, n)
     h = _LinearRecurrence.apply(decay, drive)  # (l, b, di, n): every state
     y = (h * C).sum(-1).permute(1, 2, 0)  # (b, di, l)
-    if D is not None:
-        y = y + D.float()[:, None] * u
-    if z is not None:
-        y = y * F.silu(z.float())
-    out = y.to(dtype_in)
+    out = _skip_and_gate(y, u, D, z).to(dtype_in)
     return (out, h[-1]) if return_last_state else out
 
 
