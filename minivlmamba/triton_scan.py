@@ -15,9 +15,9 @@ Forward. One program owns BLOCK_D channels of one sequence and walks along l in 
 steps. Inside a chunk the recurrence h -> a h + x is a composition of affine maps, which is
 associative, so `tl.associative_scan` computes all CHUNK states of the chunk as one tile
 (CHUNK, NP, BLOCK_D); the state h0 carried in from the previous chunk is folded into the first step.
-Only h0 is written to memory, at every backward chunk (bwd_chunk steps, 256 by default): the
+Only h0 is written to memory, at every backward chunk (bwd_chunk steps, 128 by default): the
 backward needs these states and recomputes everything else, so no (b, di, n, l) tensor ever exists
-(the saved states take 4 n / bwd_chunk bytes per step and channel: 1/4 byte at n = 16).
+(the saved states take 4 n / bwd_chunk bytes per step and channel: 1/2 byte at n = 16).
 exp(delta A) is computed as exp2(delta * A log2(e)), the native special-function instruction.
 
 Why the tile is laid out (CHUNK, NP, BLOCK_D): Triton spreads the last axis over a warp's lanes
@@ -28,12 +28,12 @@ chunk's loads before computing the current one, so memory latency hides behind t
 
 Backward. Its programs own BLOCK_D channels (2 by default) and walk chunks of bwd_chunk steps in
 reverse, with the tile laid out (BLOCK_D, CHUNK) as in the official CUDA kernel: the steps spread
-over the lanes (8 consecutive steps per thread), the channels inside each thread, and a loop over the
-state index n. Per chunk and state k, the program recomputes a_t and h_t from the saved h0
-(a scan across the lanes), then runs the adjoint recurrence backwards in time:
+over the lanes (runs of 8 consecutive steps per thread), and a loop over the state index n. Per
+chunk and state k, the program recomputes a_t and h_t from the saved h0 (a scan across the lanes),
+then runs the adjoint recurrence backwards in time:
     dh_t = C_t dy_t + a_{t+1} dh_{t+1}                (the NEXT step's decay),  dy_t = dout_t silu(z_t)
-again as an associative scan (reversed), with dh of the next chunk's first step carried in through
-a small double-buffered (b, 2, di, n) scratch. With x_t = delta_t B_t u_t and a_t h_{t-1} = h_t - x_t:
+with dh of the next chunk's first step carried in through a small double-buffered (b, 2, di, n)
+scratch. With x_t = delta_t B_t u_t and a_t h_{t-1} = h_t - x_t:
     dC_t = sum_c dy_t h_t            dB_t = sum_c dh_t delta_t u_t     (sum over the group's channels)
     du_t = delta_t sum_n dh_t B_t + D dy_t
     ddelta_t = u_t sum_n dh_t B_t + sum_n dh_t (h_t - x_t) A        (then times sigmoid, for softplus)
@@ -41,22 +41,26 @@ a small double-buffered (b, 2, di, n) scratch. With x_t = delta_t B_t u_t and a_
 The sums over n (du, ddelta, and y = C . h + D u for dz) accumulate inside each thread across the
 loop over k: no shuffles. dB and dC sum over channels held by many programs: each program adds
 its (CHUNK,) row per state with fp32 vector atomics (red.v4.f32), coalesced along the steps. Only the
-scans, dA (summed over the chunk, then one atomic) and the adjoint carry cross lanes.
+scans, the sum over the program's channels, and dA (summed over the chunk, then one atomic) cross lanes.
 
-Two things the backward's speed hangs on, neither visible in the math:
-- Triton picks the tile's layout from the alignment it can prove for the loads and stores. The
-  8-steps-per-thread layout needs rows that start 16-byte aligned; at l = 729 they don't, and the
-  compiler falls back to 1 step per thread, where every step of both scans crosses lanes (3x the
-  shuffles, twice the time). So everything the backward writes per step (du, ddelta, dz, dB, dC)
-  goes to rows padded to lp (l rounded up to 16), and B, C are read from zero-padded copies.
-- The kernel is bound by latency (scans and shuffles are chains of dependent instructions), not by
-  issue: at its natural 255 registers only 8 warps fit on an SM. Capping it at 168 registers (12
-  warps, a few spills) made it 15% faster; 152, 184, 200 did not.
+What the backward's speed hangs on, none of it visible in the math (each checked in the SASS that
+Triton 3.6 compiles for sm_90; notes/scan-kernels.md has the counts):
+- Shuffles. Triton's `reverse=True` scan reverses the whole tile across the lanes before and after
+  the scan, at five shuffles an element: it cost more than the rest of the loop. `_adjoint_scan`
+  writes the reverse scan out with forward scans only (reversing a thread's own run is free), and
+  B_t, C_t are loaded in the tile's shape, so no shuffles move them in from another layout.
+- Alignment. Triton picks the tile's layout from the alignment it can prove for the loads and
+  stores. The 8-steps-per-thread layout needs rows that start 16-byte aligned; at l = 729 they don't,
+  and the compiler falls back to 1 step per thread, where every step of both scans crosses lanes. So
+  everything the backward writes per step (du, ddelta, dz, dB, dC) goes to rows padded to lp (l
+  rounded up to 16), and B, C are read from zero-padded copies.
+- Registers. The loop is bound by latency (scans and shuffles are chains of dependent instructions),
+  so more resident warps help: capping the registers at 128 beat 152, 168 and 200.
 
 Official implementation: mamba_ssm/csrc/selective_scan (CUDA, the same chunked design with block
-scans). The backward follows
-its layout; it recomputes a_{t+1} with a second exponential instead of passing a_t between threads.
-The forward differs (each thread scans its 16 steps sequentially, lanes over channels and n).
+scans). The backward follows its layout; it recomputes a_{t+1} with a second exponential instead of
+passing a_t between threads. The forward differs (each thread scans its 16 steps sequentially,
+lanes over channels and n).
 """
 
 import torch
@@ -151,13 +155,59 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
+def _adjoint_scan(a1, g, dh_in, first_out, mask, RUN: tl.constexpr):
+    """dh_t = g_t + a1_t dh_{t+1} backwards over the chunk, entering with dh_in (BLOCK_D, 1) after its
+    last step: a reverse scan, written out in its two levels with forward scans only (Triton's
+    `reverse=True` reverses the whole tile across the lanes, before and after, at about five shuffles an
+    element). Each thread holds RUN consecutive steps: reversing those is free, so each run is scanned in
+    its thread. The runs' totals are then chained across the lanes from the chunk's end with four
+    rounds of shuffles (tl.gather), and each run applies the adjoint entering it from its right. Also
+    writes dh at the chunk's first step to first_out (BLOCK_D,) pointers, where mask."""
+    BLOCK_D: tl.constexpr = a1.shape[0]
+    W: tl.constexpr = a1.shape[1] // RUN  # runs (threads) along the chunk
+    a3, g3 = tl.reshape(a1, (BLOCK_D, W, RUN)), tl.reshape(g, (BLOCK_D, W, RUN))
+    pa, px = tl.associative_scan((tl.flip(a3, 2), tl.flip(g3, 2)), axis=2, combine_fn=_compose)
+    pa, px = tl.flip(pa, 2), tl.flip(px, 2)  # within each run: dh_t = px_t + pa_t (dh entering the run)
+    r = tl.arange(0, RUN)[None, None, :]
+    ra, rx = tl.sum(tl.where(r == 0, pa, -0.0), axis=2), tl.sum(tl.where(r == 0, px, -0.0), axis=2)  # (BLOCK_D, W)
+    # the run to the right of run j, as v -> sx + sa v; past the last run, the constant dh_in
+    j = tl.arange(0, W)[None, :] + tl.zeros_like(ra).to(tl.int32)
+    right = tl.minimum(j + 1, W - 1)
+    sa = tl.where(j == W - 1, 0.0, tl.gather(ra, right, axis=1))
+    sx = tl.where(j == W - 1, dh_in, tl.gather(rx, right, axis=1))
+    for step in tl.static_range(10):  # log2(W) rounds (Hillis-Steele): compose with the chain off runs further right
+        off: tl.constexpr = 1 << step
+        if off < W:
+            far = tl.minimum(j + off, W - 1)
+            fa, fx = tl.gather(sa, far, axis=1), tl.gather(sx, far, axis=1)
+            inside = j + off < W
+            sa, sx = tl.where(inside, sa * fa, sa), tl.where(inside, sx + sa * fx, sx)
+    tl.store(first_out[:, None] + 0 * j, rx + ra * sx, mask=mask[:, None] & (j == 0))
+    return tl.reshape(px + pa * sx[:, :, None], (BLOCK_D, W * RUN))
+
+
+@triton.jit
+def _state_inputs(k, A_col, B_row, C_row, h0_col, carry_in, tt, md, mo, s_Bn, s_Cn):
+    """What the backward reads for state index k of a chunk: A, the saved state h0 and the carried-in
+    adjoint (BLOCK_D, 1), and B_t[k], C_t[k] (BLOCK_D, CHUNK) at the steps tt (BLOCK_D, CHUNK). B and C
+    are the same for every channel, but loaded in the tile's shape each step's value lands in the
+    thread that uses it (a (CHUNK,) load is laid out differently, and moving it costs shuffles)."""
+    A = tl.load(A_col + k, mask=md, other=0.0)[:, None]
+    Bk = tl.load(B_row + k * s_Bn + tt, mask=mo, other=0.0).to(tl.float32)
+    Ck = tl.load(C_row + k * s_Cn + tt, mask=mo, other=0.0).to(tl.float32)
+    h0 = tl.load(h0_col + k, mask=md, other=0.0)[:, None]
+    dh_in = tl.load(carry_in + k, mask=md, other=0.0)[:, None]
+    return A, Bk, Ck, h0, dh_in
+
+
+@triton.jit
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, h0_ptr, carry_ptr,
     du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
     DI, L, LP, N, GROUP, G,
     s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_ob, s_od,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, RUN: tl.constexpr,
 ):
     pid_d, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     tc = tl.arange(0, CHUNK)  # (CHUNK,) step within the chunk
@@ -179,7 +229,6 @@ def _scan_bwd_kernel(
     A_col = A_ptr + d * N
     dA_col = dA_ptr + (pid_b * DI + d) * N
     first = (tc == 0)[None, :]  # (1, CHUNK)
-    last = (tc == CHUNK - 1)[None, :]
 
     dD = tl.zeros((BLOCK_D,), tl.float32)
     dbias = tl.zeros((BLOCK_D,), tl.float32)
@@ -211,13 +260,15 @@ def _scan_bwd_kernel(
         carry_in = carry_col + ((c + 1) % 2) * DI * N  # the adjoint entering from the next chunk (0 at first)
         carry_out = carry_col + (c % 2) * DI * N
         tl.debug_barrier()  # the next chunk's carries, written by another thread, are visible
+        tt = t[None, :] + 0 * d[:, None]  # (BLOCK_D, CHUNK) the steps, in the tile's shape
+        A, Bk, Ck, h0, dh_in = _state_inputs(0, A_col, B_row, C_row, h0_col + c * DI * N, carry_in, tt, md, mo,
+                                             s_Bn, s_Cn)
         for k in range(N):
-            A = tl.load(A_col + k, mask=md, other=0.0)[:, None]  # (BLOCK_D, 1)
+            # issue the loads of state k + 1 now, so that they arrive while state k computes (after
+            # the last state, state 0 again: a valid address, the values unused)
+            A_nxt, B_nxt, C_nxt, h0_nxt, dh_nxt = _state_inputs((k + 1) % N, A_col, B_row, C_row, h0_col + c * DI * N,
+                                                                carry_in, tt, md, mo, s_Bn, s_Cn)
             A2 = A * LOG2E
-            Bk = tl.load(B_row + k * s_Bn + t, mask=mp, other=0.0).to(tl.float32)[None, :]  # (1, CHUNK)
-            Ck = tl.load(C_row + k * s_Cn + t, mask=mp, other=0.0).to(tl.float32)[None, :]
-            h0 = tl.load(h0_col + c * DI * N + k, mask=md, other=0.0)[:, None]  # (BLOCK_D, 1)
-            dh_in = tl.load(carry_in + k, mask=md, other=0.0)[:, None]
 
             # recompute the chunk's states of state index k from the saved h0
             a = tl.exp2(dt * A2)  # (BLOCK_D, CHUNK)
@@ -230,14 +281,13 @@ def _scan_bwd_kernel(
             # the adjoint recurrence, backwards in time, with the next step's decay
             a1 = tl.exp2(dt1 * A2)  # (BLOCK_D, CHUNK) a_{t+1}
             g = Ck * dy
-            _, dh = tl.associative_scan((a1, tl.where(last, g + a1 * dh_in, g)), axis=1, combine_fn=_compose,
-                                        reverse=True)
-            tl.store(carry_out + k, tl.sum(tl.where(first, dh, 0.0), axis=1), mask=md)  # dh at the first step
+            dh = _adjoint_scan(a1, g, dh_in, carry_out + k, md, RUN)
             tl.atomic_add(dB_ptr + dBC_row + k * LP + t, tl.sum(dh * dtu, axis=0), mask=mp, sem="relaxed")
             dhB += dh * Bk
             dh *= h - x  # dh_t a_t h_{t-1}
             dhaA += dh * A
             tl.atomic_add(dA_col + k, tl.sum(dh * dt, axis=1), mask=md, sem="relaxed")
+            A, Bk, Ck, h0, dh_in = A_nxt, B_nxt, C_nxt, h0_nxt, dh_nxt
 
         ddt = u * dhB + dhaA
         du = dt * dhB
@@ -318,7 +368,7 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chu
         *_strides(u, (0, 1)), *_strides(delta, (0, 1)), *_strides(z, (0, 1)),
         *_strides(B, (0, 1, 2)), *_strides(C, (0, 1, 2)), *_strides(dout, (0, 1)),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        BLOCK_D=block_d, CHUNK=chunk, num_warps=num_warps, maxnreg=maxnreg,
+        BLOCK_D=block_d, CHUNK=chunk, RUN=min(16 // u.element_size(), chunk), num_warps=num_warps, maxnreg=maxnreg,
     )
     return (du[..., :l], ddelta[..., :l], dA.sum(0), dB[..., :l].to(B.dtype), dC[..., :l].to(C.dtype),
             dD.sum(0) if D is not None else None, dz[..., :l] if z is not None else None,
@@ -356,7 +406,7 @@ class SelectiveScanFn(torch.autograd.Function):
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, chunk=16, block_d=8, num_warps=1,
-                          bwd_chunk=256, bwd_block_d=2, bwd_num_warps=1, bwd_maxnreg=168):
+                          bwd_chunk=128, bwd_block_d=2, bwd_num_warps=1, bwd_maxnreg=128):
     """The selective scan on fused Triton kernels (same arguments and results as selective_scan_ref).
 
     Args: u, delta, z (b, di, l); A (di, n) fp32; B, C (b, n, l) or (b, g, n, l); D, delta_bias (di,).
