@@ -175,12 +175,11 @@ def _adjoint_scan(a1, g, dh_in, first_out, mask, RUN: tl.constexpr):
     right = tl.minimum(j + 1, W - 1)
     sa = tl.where(j == W - 1, 0.0, tl.gather(ra, right, axis=1))
     sx = tl.where(j == W - 1, dh_in, tl.gather(rx, right, axis=1))
-    for step in tl.static_range(10):  # log2(W) rounds (Hillis-Steele): compose with the chain off runs further right
-        off: tl.constexpr = 1 << step
-        if off < W:
-            far = tl.minimum(j + off, W - 1)
+    for step in tl.static_range(10):  # log2(W) rounds (Hillis-Steele): compose with the chain 2^step runs right
+        if (1 << step) < W:
+            far = tl.minimum(j + (1 << step), W - 1)
             fa, fx = tl.gather(sa, far, axis=1), tl.gather(sx, far, axis=1)
-            inside = j + off < W
+            inside = j + (1 << step) < W
             sa, sx = tl.where(inside, sa * fa, sa), tl.where(inside, sx + sa * fx, sx)
     tl.store(first_out[:, None] + 0 * j, rx + ra * sx, mask=mask[:, None] & (j == 0))
     return tl.reshape(px + pa * sx[:, :, None], (BLOCK_D, W * RUN))
