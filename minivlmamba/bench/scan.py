@@ -65,6 +65,7 @@ def scan_floors(b, di, l, n, g, has_z, bw, rate):
 SHAPES = [  # (name, b, di, l, n, g, has_z, run the reference)
     ("Mamba-2.8B LM", 4, 5120, 1024, 16, 1, True, True),
     ("Mamba-2.8B LM", 4, 5120, 2048, 16, 1, True, False),
+    ("LM, training step shape", 8, 5120, 1040, 16, 1, True, False),
     ("VSS connector, k=2, 27x27", 8, 2 * 5120, 729, 16, 2, False, False),
     ("long sequence", 1, 5120, 16384, 16, 1, True, False),
 ]
@@ -99,7 +100,7 @@ def sweep(bw):
     print(f"sweep, LM shape l=2048 (copy bandwidth {bw / 1e12:.2f} TB/s): bwd chunk block_d warps maxnreg | "
           f"fwd ms, bwd ms")
     for bwd_chunk, bwd_block_d, bwd_warps, bwd_maxnreg in [
-            (256, 2, 1, None), (256, 2, 1, 152), (256, 2, 1, 168), (256, 2, 1, 184), (256, 1, 1, None)]:
+            (128, 2, 1, 128), (128, 2, 1, 168), (128, 2, 1, None), (256, 1, 1, 168), (256, 2, 1, None)]:
         kw = dict(bwd_chunk=bwd_chunk, bwd_block_d=bwd_block_d, bwd_num_warps=bwd_warps, bwd_maxnreg=bwd_maxnreg)
         out = selective_scan_triton(**inputs, **kw)
         dout = torch.randn_like(out)
