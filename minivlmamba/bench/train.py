@@ -1,6 +1,10 @@
 """`python -m minivlmamba.bench train`: stage-2 training steps of VL-Mamba-2.8B's shapes with random
-weights: tokens/s, MFU, peak memory, with and without gradient checkpointing. Under torchrun the same
-step runs data-parallel, one micro-batch per GPU (DDP, or FSDP with --fsdp, as train.py does)."""
+weights: tokens/s, MFU, peak memory, with and without gradient checkpointing.
+
+A step is what a user's run does at the paper's global batch (128 in stage 2): as many micro-batches
+as make it up, each a forward + backward adding into the fp32 gradients, then the clip and AdamW.
+Under torchrun the same step runs data-parallel, the micro-batches shared among the GPUs (DDP, or
+FSDP with --fsdp, as train.py does)."""
 
 import os
 import statistics
@@ -39,10 +43,10 @@ def random_batch(cfg, micro, text_tokens):
     return pixel_values, input_ids, input_ids.clone()
 
 
-def forward_backward(model, batch):
+def forward_backward(model, batch, accumulation=1):
     with torch.autocast("cuda", torch.bfloat16):
         _, loss = model(*batch)
-    loss.backward()
+    (loss / accumulation).backward()  # as train.py: the step's gradient is the mean over its micro-batches
 
 
 def optimizer_step(optimizer, params):
@@ -82,24 +86,29 @@ def check_autocast(model, batch, text_tokens):
           f"training_flops {model.training_flops(text_tokens) / 1e12:.2f} T")
 
 
+def trial_step(model, optimizer, params, cfg, micro, text_tokens):
+    """Two micro-batches and AdamW: the second forward runs beside the gradients of the first, as in every
+    step that accumulates several (the fp32 gradients, 11 GB at 2.8B, then add to the activations' peak)."""
+    for _ in range(2):
+        forward_backward(model, random_batch(cfg, micro, text_tokens), 2)
+    optimizer_step(optimizer, params)
+
+
 def largest_micro_batch(model, optimizer, params, cfg, text_tokens):
     """Predict from the peak memory at 1 and 2 samples, then step down from the prediction until a
     step runs."""
-    forward_backward(model, random_batch(cfg, 1, text_tokens))
-    optimizer_step(optimizer, params)  # AdamW allocates its state in its first step: not a per-sample cost
+    trial_step(model, optimizer, params, cfg, 1, text_tokens)  # AdamW allocates its state: not a per-sample cost
     peaks = []
     for micro in (1, 2):
         torch.cuda.reset_peak_memory_stats()
-        forward_backward(model, random_batch(cfg, micro, text_tokens))
-        optimizer_step(optimizer, params)
+        trial_step(model, optimizer, params, cfg, micro, text_tokens)
         peaks.append(torch.cuda.max_memory_allocated())
     per_sample = peaks[1] - peaks[0]
     usable = 0.97 * (torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved())  # 3% kept for fragmentation
     micro = int((usable - (peaks[0] - per_sample)) // per_sample)
     while micro > 1:
         try:
-            forward_backward(model, random_batch(cfg, micro, text_tokens))
-            optimizer_step(optimizer, params)
+            trial_step(model, optimizer, params, cfg, micro, text_tokens)
             return micro
         except torch.OutOfMemoryError:
             optimizer.zero_grad(set_to_none=True)
@@ -107,9 +116,10 @@ def largest_micro_batch(model, optimizer, params, cfg, text_tokens):
     return 1
 
 
-def time_steps(model, optimizer, params, batch, steps):
-    """Median ms of forward + backward and of clip + AdamW over `steps` steps (after one warm-up), and
-    the peak memory in bytes."""
+def time_steps(model, optimizer, params, batch, accumulation, steps):
+    """Median ms of a step's forward + backward passes (`accumulation` micro-batches, the same data each
+    time) and of its clip + AdamW over `steps` steps, and the peak memory in bytes. The warm-up is one
+    micro-batch and AdamW: the kernels are compiled and every buffer allocated by then."""
     forward_backward(model, batch)
     optimizer_step(optimizer, params)
     torch.cuda.reset_peak_memory_stats()
@@ -117,7 +127,8 @@ def time_steps(model, optimizer, params, batch, steps):
     for _ in range(steps):
         start, backward_done, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         start.record()
-        forward_backward(model, batch)
+        for _ in range(accumulation):
+            forward_backward(model, batch, accumulation)
         backward_done.record()
         optimizer_step(optimizer, params)
         end.record()
@@ -127,10 +138,12 @@ def time_steps(model, optimizer, params, batch, steps):
     return fwd_bwd, optim, torch.cuda.max_memory_allocated()
 
 
-def profile_step(model, optimizer, params, batch, say, rows=20):
-    """The kernels that take the time of one training step, by total GPU time."""
+def profile_step(model, optimizer, params, batch, accumulation, say, rows=20):
+    """The kernels that take the time of one micro-batch's forward + backward (adding into the existing
+    gradients, as all but the first of a step do) and of the clip + AdamW, by total GPU time."""
+    forward_backward(model, batch, accumulation)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        forward_backward(model, batch)
+        forward_backward(model, batch, accumulation)
         optimizer_step(optimizer, params)
         torch.cuda.synchronize()
     say(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60))
@@ -165,15 +178,18 @@ def bench_train(args):
     model = training_model(args.preset)
     cfg, text = model.cfg, args.text_tokens
     count = lambda module: sum(p.numel() for p in module.parameters())
+    image = cfg.vision.num_patches
     flops = model.training_flops(text)
+    flops_issue = 6 * (count(model.lm) + count(model.connector)) * (image + text) + 2 * count(model.vision) * image
     mode = f"{world} GPUs, {'FSDP' if args.fsdp else 'DDP'}" if distributed else "1 GPU"
     say(f"device: {card}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB   copy bandwidth "
         f"{bw / 1e12:.2f} TB/s   peak dense bf16 {peak / 1e12:.0f} TFLOP/s   {args.preset}, random weights, {mode}")
     say(f"trained: LM {count(model.lm) / 1e9:.3f}B + connector {count(model.connector) / 1e6:.1f}M parameters, "
         f"fp32 master weights, bf16 autocast, fused AdamW; frozen tower {count(model.vision) / 1e6:.1f}M in bf16")
-    say(f"sample: {cfg.vision.num_patches} image + {text} text tokens; model FLOPs a sample "
-        f"{flops / 1e12:.2f} T = 6 x LM body x {cfg.vision.num_patches + text} + 6 x LM head x {text} "
-        f"+ 6 x connector x {cfg.vision.num_patches} + 2 x tower x {cfg.vision.num_patches}")
+    say(f"sample: {image} image + {text} text tokens; model FLOPs a sample for 'MFU': {flops / 1e12:.2f} T = 6 x "
+        f"LM body x {image + text} + 6 x LM head x {text} + 6 x connector x {image} + 2 x tower x {image} (each "
+        f"weight x the tokens it multiplies); for 'MFU*', the issue's count: {flops_issue / 1e12:.2f} T = 6 x (LM + "
+        f"connector) x {image + text} + 2 x tower x {image}")
     if distributed:
         model = parallel(model, args.fsdp)
     else:
@@ -186,23 +202,28 @@ def bench_train(args):
     for checkpointing in {"no": [False], "yes": [True], "both": [False, True]}[args.checkpointing]:
         raw.lm.gradient_checkpointing = checkpointing
         micro = args.micro_batch or largest_micro_batch(model, optimizer, params, cfg, text)
+        accumulation = -(-args.global_batch // (micro * world))  # micro-batches a step and GPU, rounded up
         batch = random_batch(cfg, micro, text)
-        fwd_bwd, optim, memory = time_steps(model, optimizer, params, batch, args.steps)
-        step = (fwd_bwd + optim) * 1e-3
-        rows.append((checkpointing, micro, fwd_bwd, optim, world * micro * (cfg.vision.num_patches + text) / step,
-                     micro * flops / step / peak, micro * flops / (fwd_bwd * 1e-3) / peak, memory))
+        fwd_bwd, optim, memory = time_steps(model, optimizer, params, batch, accumulation, args.steps)
+        step, samples = (fwd_bwd + optim) * 1e-3, accumulation * micro  # samples a step and GPU
+        rows.append((checkpointing, micro, accumulation, fwd_bwd / accumulation, optim, fwd_bwd + optim,
+                     world * samples * (image + text) / step, samples * flops / step / peak,
+                     samples * flops / (fwd_bwd * 1e-3) / peak, samples * flops_issue / step / peak, memory))
         if args.profile and not checkpointing:
-            profile_step(model, optimizer, params, batch, say)
+            profile_step(model, optimizer, params, batch, accumulation, say)
         del batch
 
-    say(f"{'checkpointing':<13} {'micro':>5} | {'fwd+bwd':>8} {'AdamW':>6} {'step':>7} (ms) | {'tokens/s':>8} | "
-        f"{'MFU':>5} {'fwd+bwd':>7} | {'peak GiB':>8}   ({card}, {mode}, copy {bw / 1e12:.2f} TB/s)")
-    for checkpointing, micro, fwd_bwd, optim, tokens, mfu, mfu_fb, memory in rows:
-        say(f"{'yes' if checkpointing else 'no':<13} {micro:>5} | {fwd_bwd:>8.0f} {optim:>6.0f} "
-            f"{fwd_bwd + optim:>7.0f}      | {tokens:>8.0f} | {mfu:>5.1%} {mfu_fb:>7.1%} | {memory / 2**30:>8.1f}")
-    say("MFU = model FLOPs of the step / step time / peak, per GPU; 'fwd+bwd' leaves the optimizer out, as a "
-        "step accumulating many micro-batches would. Recomputed forwards are not counted as model FLOPs. "
-        "tokens/s: all GPUs together; micro and peak memory: per GPU.")
+    say(f"{'checkpointing':<13} {'micro':>5} {'x':>2} | {'fwd+bwd':>7} {'AdamW':>5} {'step':>6} (ms) | "
+        f"{'tokens/s':>8} | {'MFU':>5} {'fwd+bwd':>7} {'MFU*':>5} | {'peak GiB':>8}   "
+        f"({card}, {mode}, copy {bw / 1e12:.2f} TB/s)")
+    for checkpointing, micro, accumulation, fwd_bwd, optim, step, tokens, mfu, mfu_fb, mfu_issue, memory in rows:
+        say(f"{'yes' if checkpointing else 'no':<13} {micro:>5} {accumulation:>2} | {fwd_bwd:>7.0f} {optim:>5.0f} "
+            f"{step:>6.0f}      | {tokens:>8.0f} | {mfu:>5.1%} {mfu_fb:>7.1%} {mfu_issue:>5.1%} | "
+            f"{memory / 2**30:>8.1f}")
+    say(f"A step: x micro-batches of 'micro' samples a GPU (global batch {args.global_batch}, rounded up), each "
+        "forward + backward ('fwd+bwd', ms a micro-batch), then clip + AdamW. MFU = model FLOPs of the step / step "
+        "time / peak, per GPU; 'fwd+bwd' leaves the optimizer out; MFU* uses the issue's count. Recomputed "
+        "forwards are not model FLOPs. tokens/s: all GPUs together; micro and peak memory: per GPU.")
     if distributed:
         dist.destroy_process_group()
 
@@ -211,11 +232,14 @@ def add_parser(sub):
     train = sub.add_parser("train", help="stage-2 training steps of the paper's model shapes: tokens/s, MFU, memory")
     train.add_argument("--preset", default="vl-mamba-2.8b", help="model shapes (minivlmamba.config.PRESETS)")
     train.add_argument("--text-tokens", type=int, default=300, help="text tokens after the image in each sample")
-    train.add_argument("--micro-batch", type=int, help="samples a step and GPU (default: the largest that fits)")
+    train.add_argument("--micro-batch", type=int, help="samples a forward + backward and GPU (default: the largest "
+                       "that fits)")
     train.add_argument("--checkpointing", choices=["no", "yes", "both"], default="both",
                        help="gradient checkpointing of the LM blocks")
     train.add_argument("--fsdp", action="store_true", help="(torchrun) FSDP instead of DDP")
-    train.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up")
+    train.add_argument("--global-batch", type=int, default=128,
+                       help="samples a step, all GPUs together (the paper's stage 2: 128)")
+    train.add_argument("--steps", type=int, default=2, help="timed optimizer steps, after one warm-up")
     train.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak (default: known H100/H200)")
-    train.add_argument("--profile", action="store_true", help="also list the kernels of one step (no checkpointing)")
+    train.add_argument("--profile", action="store_true", help="also list the kernels of one micro-batch and the optimizer (no checkpointing)")
     train.set_defaults(run=bench_train)
