@@ -81,6 +81,43 @@ class InferenceCache:
     ssm_state: torch.Tensor
 
 
+class WeightProduct(torch.autograd.Function):
+    """weight @ x (weight_first) or x @ weight.t(), in x's dtype, for a fp32 master weight and bf16 x.
+
+    Under autocast a product casts its fp32 weight to bf16 and keeps that copy until the layer's
+    backward: every layer's copy is alive at once at the peak of memory, 5.5 GB for Mamba-2.8B. This
+    one keeps only the fp32 weight and casts it again in the backward (a pass over the weights, small
+    next to a step's products), and the weight's gradient leaves the matrix units in fp32 instead of
+    being rounded to bf16 and cast back. Same values as the autocast product (tests/test_training.py).
+    """
+
+    @staticmethod
+    def forward(ctx, weight, x, weight_first):
+        ctx.save_for_backward(weight, x)
+        ctx.weight_first = weight_first
+        w = weight.to(x.dtype)
+        return w @ x if weight_first else x @ w.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, x = ctx.saved_tensors
+        w = weight.to(grad.dtype)
+        if ctx.weight_first:  # out = w x
+            return _product_in(weight.dtype, grad, x.t()), _product_like(x, w.t(), grad), None
+        return _product_in(weight.dtype, grad.t(), x), _product_like(x, grad, w), None  # out = x w^T
+
+
+def _product_in(dtype, a, b):
+    """a @ b returned in dtype; on CUDA cuBLAS writes fp32 straight from its fp32 sums of bf16 inputs."""
+    return torch.mm(a, b, out_dtype=dtype) if a.is_cuda and a.dtype != dtype else (a @ b).to(dtype)
+
+
+def _product_like(x, a, b):
+    """a @ b, laid out as x: where x is a transposed view, computed as (b^T a^T)^T, so that the gradient
+    reaches x's producer in its own layout (a transposed one would cost a strided copy later)."""
+    return (b.t() @ a.t()).t() if x.t().is_contiguous() and not x.is_contiguous() else a @ b
+
+
 class MambaMixer(nn.Module):
     """One Mamba layer: in_proj -> causal conv -> SiLU -> selective scan (gated by z) -> out_proj."""
 
@@ -141,17 +178,24 @@ class MambaMixer(nn.Module):
         from minivlmamba.triton_conv import causal_conv1d_silu  # here: Triton loads only when used
         b, l, d = hidden.shape
         di, n, r = self.cfg.d_inner, self.cfg.d_state, self.cfg.dt_rank
-        xz = self.in_proj.weight @ hidden.reshape(b * l, d).t()  # (2di, b*l)
-        x, z = xz.view(2, di, b, l).unbind(0)  # (di, b, l) each
-        x = causal_conv1d_silu(x, self.conv1d.weight[:, 0], self.conv1d.bias).view(di, b * l)  # (di, b*l)
-        dt, B, C = (self.x_proj.weight @ x).split([r, n, n])  # (r, b*l), (n, b*l), (n, b*l)
-        delta = self.dt_proj.weight @ dt  # (di, b*l); the bias goes into the scan as delta_bias
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        hidden = hidden.to(dtype).reshape(b * l, d)  # (b*l, d)
+        xz = WeightProduct.apply(self.in_proj.weight, hidden.t(), True)  # (2di, b*l)
+        x, z = causal_conv1d_silu(xz.view(2, di, b, l), self.conv1d.weight[:, 0], self.conv1d.bias)  # (di, b, l) each
+        dt, B, C = WeightProduct.apply(self.x_proj.weight, x.view(di, b * l), True).split([r, n, n])  # (r|n|n, b*l)
         seq = lambda t: t.view(-1, b, l).transpose(0, 1)  # (c, b*l) -> (b, c, l), a view
-        y = selective_scan(seq(x), seq(delta), -torch.exp(self.A_log.float()), seq(B), seq(C), self.D.float(),
-                           z=seq(z), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-                           backend=self.cfg.scan_backend)  # (b, di, l)
+        # The scan returns its gradients laid out (b, di, l). x and z reach it as views of their (di, b, l)
+        # tensors, so theirs come back as views too (x's adds into that of x_proj in one pass); delta is
+        # made (b, di, l) by a product per sequence, whose backward reads that layout as it is.
+        # (The weight is cast here, before it is repeated for the b products, not b times by autocast.)
+        w_dt = self.dt_proj.weight.to(dt.dtype).expand(b, di, r)  # (b, di, r), a view
+        delta = torch.bmm(w_dt, seq(dt))  # (b, di, l); the bias goes into the scan as delta_bias
+        y = selective_scan(x.transpose(0, 1), delta, -torch.exp(self.A_log.float()), seq(B), seq(C),
+                           self.D.float(), z=z.transpose(0, 1), delta_bias=self.dt_proj.bias.float(),
+                           delta_softplus=True, backend=self.cfg.scan_backend)  # (b, di, l)
         y = y.transpose(0, 1).reshape(di, b * l)  # (di, b*l): the one copy
-        return (y.t() @ self.out_proj.weight.t()).view(b, l, d)  # (b, l, d)
+        return WeightProduct.apply(self.out_proj.weight, y.t(), False).view(b, l, d)  # (b, l, d)
 
     def step(self, hidden, cache: InferenceCache):
         """One token: hidden (b, d) -> (b, d), updating this layer's cache in place."""
@@ -226,22 +270,53 @@ class MambaLM(nn.Module):
     def hidden_states(self, inputs_embeds, cache: InferenceCache | None = None):
         """inputs_embeds (b, l, d) -> final normalised hidden states (b, l, d), before the LM head.
 
-        With a cache this is the prefill: it also leaves every layer's state in the cache.
+        With a cache this is the prefill: it also leaves every layer's state in the cache. On a GPU
+        without a cache (training) this runs `hidden_states_fused`, the same function in fewer kernels.
         """
         x = inputs_embeds.float()  # (b, l, d): the residual stream
-        l = x.shape[1]
         if cache is None and x.is_cuda:
-            # The channels-first mixers multiply (di, b * l) matrices: cuBLAS's fast kernels and the
-            # scan's vector loads need rows that start 16-byte aligned (at an odd b * l the products ran
-            # 4x slower). So each sequence is padded at its end to a multiple of 16 steps; every layer is
-            # causal or per step, so the padding changes no real step and receives no gradient.
-            x = F.pad(x, (0, 0, 0, -l % 16))  # (b, lp, d)
+            return self.hidden_states_fused(x)
         for block in self.backbone.layers:
             if self.gradient_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)  # recomputed in backward
             else:
                 x = block(x, cache)
-        return self.backbone.norm_f(x[:, :l])
+        return self.backbone.norm_f(x)
+
+    def hidden_states_fused(self, x):
+        """The loop of `hidden_states` for training on GPUs: x (b, l, d) fp32 -> (b, l, d) in the
+        autocast dtype (the LM head's input).
+
+        The same blocks cut at other places: the residual add of each block and the RMSNorm of the
+        next are one Triton kernel each way (triton_norm.py), and the mixers run channels first. So a
+        block boundary carries the residual stream x (fp32) and its normalised copy (bf16 under
+        autocast), which is also what gradient checkpointing keeps of each block (6 bytes an element
+        instead of 4). The channels-first mixers multiply (di, b * l) matrices: cuBLAS's fast kernels
+        and the scan's vector loads need rows that start 16-byte aligned (at an odd b * l the products
+        ran 4x slower). So each sequence is padded at its end to a multiple of 16 steps; every layer is
+        causal or per step, so the padding changes no real step and receives no gradient.
+        """
+        from minivlmamba.triton_norm import add_rms_norm  # here: Triton loads only when used
+        b, l, d = x.shape
+        lp = l + -l % 16
+        x = F.pad(x, (0, 0, 0, lp - l)).view(b * lp, d)  # (b*lp, d)
+        layers = self.backbone.layers
+        first = layers[0].norm
+        residual, normed = add_rms_norm(x, None, first.weight, first.eps)  # (b*lp, d) each
+        for block, norm in zip(layers, [block.norm for block in layers[1:]] + [self.backbone.norm_f]):
+            if self.gradient_checkpointing and self.training:
+                residual, normed = torch.utils.checkpoint.checkpoint(
+                    self._fused_block, block, norm, residual, normed, (b, lp, d), use_reentrant=False)
+            else:
+                residual, normed = self._fused_block(block, norm, residual, normed, (b, lp, d))
+        return normed.view(b, lp, d)[:, :l]
+
+    @staticmethod
+    def _fused_block(block, next_norm, residual, normed, shape):
+        """One mixer, then its residual add fused with the next norm: (x, norm(x)) -> the same after it."""
+        from minivlmamba.triton_norm import add_rms_norm
+        out = block.mixer.forward_channels_first(normed.view(shape))  # (b, lp, d)
+        return add_rms_norm(out.view(residual.shape), residual, next_norm.weight, next_norm.eps)
 
     def forward(self, input_ids=None, inputs_embeds=None, cache: InferenceCache | None = None):
         """input_ids (b, l) or inputs_embeds (b, l, d) -> logits (b, l, v)."""

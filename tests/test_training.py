@@ -1,7 +1,9 @@
 """The training fast paths == their readable twins, values and gradients: the channels-first Mamba
-mixer (with the reference scan and with the Triton scan) against the readable mixer, the fused
-causal convolution + SiLU against torch's, and the fused RMSNorm against its formula. On a machine
-without CUDA the Triton kernels run in Triton's interpreter on the CPU."""
+mixer (with the reference scan and with the Triton scan) against the readable mixer, the fused LM
+(padded sequences, fused residual add + RMSNorm, with and without checkpointing) against the
+readable LM, the product that keeps fp32 weights against autocast's, the fused causal convolution +
+SiLU against torch's, the fused add + RMSNorm and torch's RMSNorm against their formula. On a
+machine without CUDA the Triton kernels run in Triton's interpreter on the CPU."""
 
 import os
 
@@ -14,8 +16,9 @@ import pytest
 
 import torch.nn.functional as F
 
-from minivlmamba.mamba import MambaConfig, MambaLM, MambaMixer, RMSNorm
+from minivlmamba.mamba import MambaConfig, MambaLM, MambaMixer, RMSNorm, WeightProduct
 from minivlmamba.triton_conv import causal_conv1d_silu
+from minivlmamba.triton_norm import add_rms_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -47,17 +50,39 @@ def test_channels_first_mixer_equals_readable_mixer(backend):
         torch.testing.assert_close(a.cpu(), b, **tol, msg=name)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="the LM pads its sequences for the channels-first mixers on CUDA only")
-def test_lm_on_the_gpu_equals_the_readable_lm():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_lm_equals_the_readable_lm(checkpointing):
     torch.manual_seed(0)
-    readable = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=50, d_state=4))
-    fast = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=50, d_state=4)).to(DEVICE)
+    readable = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=50, d_state=4, scan_backend="ref"))
+    fast = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=50, d_state=4, scan_backend="triton")).to(DEVICE)
     fast.load_state_dict(readable.state_dict())
-    embeds = torch.randn(3, 13, 16)  # b * l = 39: padded to 3 x 16 steps on the GPU
+    fast.gradient_checkpointing = checkpointing
+    embeds = torch.randn(3, 13, 16)  # b * l = 39: padded to 3 x 16 steps
     want = values_and_grads(readable, lambda e: readable(inputs_embeds=e), embeds)
-    got = values_and_grads(fast, lambda e: fast(inputs_embeds=e), embeds.to(DEVICE))
+    got = values_and_grads(fast, lambda e: fast.lm_head(fast.hidden_states_fused(e)), embeds.to(DEVICE))
     for name, a, b in zip(["logits", "embeds"] + [n for n, _ in fast.named_parameters()], got, want):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=2e-3, msg=name)
+
+
+@pytest.mark.parametrize("weight_first", [True, False])
+def test_weight_product_equals_the_autocast_product(weight_first):
+    torch.manual_seed(0)
+    weight = torch.randn(24, 40, device=DEVICE, requires_grad=True)  # fp32 master weight
+    x = torch.randn((40, 56) if weight_first else (56, 40), device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(24, 56) if weight_first else torch.randn(56, 24)
+    results = []
+    for product in (lambda: weight @ x if weight_first else x @ weight.t(),  # autocast casts the weight
+                    lambda: WeightProduct.apply(weight, x, weight_first)):
+        with torch.autocast(DEVICE, torch.bfloat16):
+            out = product()
+        out.backward(grad.to(DEVICE, out.dtype))
+        results.append((out, x.grad, weight.grad))
+        x.grad = weight.grad = None
+    (want_out, want_dx, want_dw), (got_out, got_dx, got_dw) = results
+    assert got_out.dtype == want_out.dtype == torch.bfloat16 and got_dw.dtype == torch.float32
+    torch.testing.assert_close(got_out, want_out, rtol=0, atol=0)
+    torch.testing.assert_close(got_dx, want_dx, rtol=0, atol=0)
+    torch.testing.assert_close(got_dw, want_dw, rtol=1e-2, atol=1e-2)  # ours is not rounded to bf16 first
 
 
 @pytest.mark.parametrize("b, l", [(3, 13), (2, 2), (1, 300)])  # odd l, l shorter than the kernel, several tiles
@@ -66,13 +91,13 @@ def test_fused_causal_conv_silu_equals_torch(b, l, dtype):
     torch.manual_seed(0)
     di, k = 6, 4
     conv = torch.nn.Conv1d(di, di, k, groups=di, padding=k - 1)
-    x = torch.randn(2 * di, b * l)[:di].view(di, b, l).to(dtype)  # (di, b, l) with strided channels
-    readable = lambda x: F.silu(conv(x.float().transpose(0, 1))[..., :l]).transpose(0, 1)  # noqa: E731
-    fused = lambda x: causal_conv1d_silu(x, conv.weight[:, 0], conv.bias, block_c=4, block_t=128)  # noqa: E731
-    want = values_and_grads(conv, readable, x)
-    got = values_and_grads(conv.to(DEVICE), fused, x.to(DEVICE))
+    xz = torch.randn(2, 2 * di, b * l)[:, :di].view(2, di, b, l).to(dtype)  # (2, di, b, l), strided channels
+    readable = lambda xz: (F.silu(conv(xz[0].float().transpose(0, 1))[..., :l]).transpose(0, 1), xz[1])  # noqa: E731
+    fused = lambda xz: causal_conv1d_silu(xz, conv.weight[:, 0], conv.bias, block_c=4, block_t=128)  # noqa: E731
+    want = values_and_grads(conv, lambda xz: torch.cat(readable(xz)), xz)
+    got = values_and_grads(conv.to(DEVICE), lambda xz: torch.cat(fused(xz)), xz.to(DEVICE))
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    for name, a, b in zip(["out", "x", "weight", "bias"], got, want):
+    for name, a, b in zip(["out and z", "xz", "weight", "bias"], got, want):
         torch.testing.assert_close(a.cpu().float(), b.float(), **tol, msg=name)
 
 
@@ -85,3 +110,31 @@ def test_rms_norm_equals_its_formula():
     x = 3 * torch.randn(4, 7, 32)
     for a, b in zip(values_and_grads(norm, norm, x), values_and_grads(norm, formula, x)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_fused_add_rms_norm_equals_its_formula(out_dtype, with_residual):
+    torch.manual_seed(0)
+    rows, d = 6, 40  # d not a power of two: masked columns
+    norm = RMSNorm(d)
+    with torch.no_grad():
+        norm.weight.normal_()
+    out = torch.randn(rows, d).to(out_dtype)
+    residual = 3 * torch.randn(rows, d) if with_residual else None
+    dx, dnormed = torch.randn(rows, d), torch.randn(rows, d).to(out_dtype)
+
+    def formula(out, residual, weight):
+        x = out.float() + residual if residual is not None else out.float()
+        return x, (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * weight).to(out.dtype)
+
+    results = []
+    for fn, device in ((formula, "cpu"), (lambda o, r, w: add_rms_norm(o, r, w, norm.eps), DEVICE)):
+        inputs = [t.detach().clone().to(device).requires_grad_() if t is not None else None
+                  for t in (out, residual, norm.weight)]
+        x, normed = fn(*inputs)
+        torch.autograd.backward((x, normed), (dx.to(device), dnormed.to(device)))
+        results.append([t.detach().cpu().float() for t in [x, normed] + [t.grad for t in inputs if t is not None]])
+    tol = dict(rtol=1e-5, atol=1e-5) if out_dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for name, got, want in zip(["x", "normed", "out", "residual", "weight"][:len(results[0])], results[1], results[0]):
+        torch.testing.assert_close(got, want, **tol, msg=name)
