@@ -208,7 +208,9 @@ def _scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, RUN: tl.constexpr,
 ):
-    pid_d, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    # the sequences of a channel block run next to each other, so the programs running at once add
+    # into the dB, dC rows of all the sequences (not all into one: 5% faster)
+    pid_b, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
     tc = tl.arange(0, CHUNK)  # (CHUNK,) step within the chunk
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,) channels
     md = d < DI
@@ -360,7 +362,7 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chu
     carry = torch.zeros(b, 2, di, n, device=u.device, dtype=torch.float32)  # adjoints between chunks
     dD = torch.empty(b, di, device=u.device, dtype=torch.float32) if D is not None else None
     dbias = torch.empty(b, di, device=u.device, dtype=torch.float32) if delta_bias is not None else None
-    _scan_bwd_kernel[(triton.cdiv(di, block_d), b)](
+    _scan_bwd_kernel[(b, triton.cdiv(di, block_d))](
         u, delta, A, B, C, D, z, delta_bias, dout, h0, carry,
         du, ddelta, dz, dB, dC, dA, dD, dbias,
         di, l, lp, n, di // g, g,
