@@ -16,7 +16,8 @@ saved: the backward recomputes pre_t, which costs k multiply-adds. The backward 
 the first computes g (written out in x's dtype) with the weight and bias gradients, the second
 dx from k shifted reads of g. In one kernel each dx tile needs g at k shifted steps, which a
 program cannot move between its threads' registers: it recomputed pre and g k times, at 24
-unaligned loads an element, and ran 6.5x its memory floor; g's extra write and read cost less.
+unaligned loads an element, and ran 6.5x its memory floor; g's extra write and read cost less
+(H100, di = 5120, l = 1040: 354 -> 174 us at b = 5, 560 -> 344 us at b = 8).
 The input is read in the channels-first layout (di, b, l) of the training forward (mamba.py),
 with any channel and sequence strides; the steps must be contiguous.
 
