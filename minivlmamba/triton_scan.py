@@ -21,9 +21,11 @@ backward needs these states and recomputes everything else, so no (b, di, n, l) 
 exp(delta A) is computed as exp2(delta * A log2(e)), the native special-function instruction.
 
 Why the tile is laid out (CHUNK, NP, BLOCK_D): Triton spreads the last axis over a warp's lanes
-first. With BLOCK_D = 8, the 32 lanes cover 8 channels x 4 state indices, and each thread holds all
-CHUNK steps of its (channel, 4 states): the scan along the chunk then runs inside one thread with no
-shuffles, and the sum over n needs only two shuffle rounds. Each program also issues the next
+first. With BLOCK_D = 16, the 32 lanes cover 16 channels x 2 halves of the state, and each thread
+holds all CHUNK steps of its (channel, 8 states): the scan along the chunk then runs inside one
+thread with no shuffles, and the sum over n needs one shuffle round. (BLOCK_D = 8, CHUNK = 16, with
+4 states a thread, spent ~22 instructions an element against ~17 here: 0.62 -> 0.45 ms at b = 8,
+l = 1040.) Each program also issues the next
 chunk's loads before computing the current one, so memory latency hides behind the arithmetic.
 
 Backward. Its programs own BLOCK_D channels (2 by default) and walk chunks of bwd_chunk steps in
@@ -406,7 +408,7 @@ class SelectiveScanFn(torch.autograd.Function):
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False, chunk=16, block_d=8, num_warps=1,
+                          return_last_state=False, chunk=8, block_d=16, num_warps=1,
                           bwd_chunk=128, bwd_block_d=2, bwd_num_warps=1, bwd_maxnreg=128):
     """The selective scan on fused Triton kernels (same arguments and results as selective_scan_ref).
 
