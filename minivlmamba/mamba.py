@@ -7,7 +7,8 @@ Official implementation: state-spaces/mamba, mamba_ssm/modules/mamba_simple.py (
 mamba_ssm/models/mixer_seq_simple.py (the LM). Parameter names are theirs, so a pretrained
 `pytorch_model.bin` loads by key. We deviate in two places, both numerically equivalent:
 - the block is written as pre-norm `x = x + mixer(norm(x))` instead of upstream's fused
-  "add, then norm" that carries the residual separately;
+  "add, then norm" that carries the residual separately (the GPU training path,
+  `MambaLM.hidden_states_fused`, does fuse them, in one Triton kernel);
 - the decode cache keeps the SSM state in fp32 whatever the weights' dtype.
 """
 
@@ -173,7 +174,8 @@ class MambaMixer(nn.Module):
         on the channels-first layout (cuBLAS reads either operand transposed for free), the causal
         convolution + SiLU is one Triton kernel each way (triton_conv.py), and the scan reads
         (b, di, l) views (it takes any strides with contiguous steps). One copy is left: the scan's
-        output, to channels first. Same parameters, same result (tests/test_training.py).
+        output, to channels first. The products are `WeightProduct`s, which keep no bf16 copy of the
+        weights for the backward. Same parameters, same result (tests/test_training.py).
         """
         from minivlmamba.triton_conv import causal_conv1d_silu  # here: Triton loads only when used
         b, l, d = hidden.shape
@@ -285,7 +287,7 @@ class MambaLM(nn.Module):
 
     def hidden_states_fused(self, x):
         """The loop of `hidden_states` for training on GPUs: x (b, l, d) fp32 -> (b, l, d) in the
-        autocast dtype (the LM head's input).
+        mixers' output dtype (bf16 under autocast: the LM head's input).
 
         The same blocks cut at other places: the residual add of each block and the RMSNorm of the
         next are one Triton kernel each way (triton_norm.py), and the mixers run channels first. So a

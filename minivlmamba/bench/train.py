@@ -241,5 +241,6 @@ def add_parser(sub):
                        help="samples a step, all GPUs together (the paper's stage 2: 128)")
     train.add_argument("--steps", type=int, default=2, help="timed optimizer steps, after one warm-up")
     train.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak (default: known H100/H200)")
-    train.add_argument("--profile", action="store_true", help="also list the kernels of one micro-batch and the optimizer (no checkpointing)")
+    train.add_argument("--profile", action="store_true",
+                       help="also list the kernels of one micro-batch and the optimizer (no checkpointing)")
     train.set_defaults(run=bench_train)
