@@ -207,6 +207,7 @@ def _scan_bwd_kernel(
     du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
     DI, L, LP, N, GROUP, G,
     s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_ob, s_od,
+    s_dub, s_dud, s_dtb, s_dtd, s_dzb, s_dzd,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, RUN: tl.constexpr,
 ):
@@ -222,7 +223,9 @@ def _scan_bwd_kernel(
     u_row = u_ptr + pid_b * s_ub + d[:, None] * s_ud  # (BLOCK_D, 1) where each channel starts
     dt_row = dt_ptr + pid_b * s_tb + d[:, None] * s_td
     do_row = dout_ptr + pid_b * s_ob + d[:, None] * s_od
-    g_row = (pid_b * DI + d[:, None]) * LP  # (BLOCK_D, 1) offsets into du, ddelta, dz (rows of LP)
+    du_row = du_ptr + pid_b * s_dub + d[:, None] * s_dud  # (BLOCK_D, 1) where the gradients' rows start
+    ddt_row = ddt_ptr + pid_b * s_dtb + d[:, None] * s_dtd
+    dz_row = dz_ptr + pid_b * s_dzb + d[:, None] * s_dzd if HAS_Z else None
     B_row = B_ptr + pid_b * s_Bb + grp * s_Bg  # B_t[k] at B_row + k s_Bn + t
     C_row = C_ptr + pid_b * s_Cb + grp * s_Cg
     dBC_row = (pid_b * G + grp) * N * LP  # the group's fp32 dB, dC (rows of LP, as B and C)
@@ -297,13 +300,13 @@ def _scan_bwd_kernel(
         if HAS_D:
             du += Dv * dy
         if HAS_Z:
-            tl.store(dz_ptr + g_row + t[None, :], dz * y, mask=mo)
+            tl.store(dz_row + t[None, :], dz * y, mask=mo)
         if SOFTPLUS:
             ddt *= dt_raw
         if HAS_BIAS:
             dbias += tl.sum(tl.where(m, ddt, 0.0), axis=1)
-        tl.store(du_ptr + g_row + t[None, :], du, mask=mo)
-        tl.store(ddt_ptr + g_row + t[None, :], ddt, mask=mo)
+        tl.store(du_row + t[None, :], du, mask=mo)
+        tl.store(ddt_row + t[None, :], ddt, mask=mo)
 
     if HAS_D:
         tl.store(dD_ptr + pid_b * DI + d, dD, mask=md)
@@ -355,9 +358,11 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chu
     # rows of lp steps (aligned, see the module's docstring) for all the backward writes, and for B, C
     lp = triton.cdiv(l, 16) * 16
     B, C = F.pad(B, (0, lp - l)), F.pad(C, (0, lp - l))
-    du = torch.empty(b, di, lp, device=u.device, dtype=u.dtype)
-    ddelta = torch.empty(b, di, lp, device=u.device, dtype=delta.dtype)
-    dz = torch.empty(b, di, lp, device=u.device, dtype=z.dtype) if z is not None else None
+    # each gradient in its input's layout where rows need no padding (autograd then hands it on without
+    # a copy: in training the inputs are (b, di, l) views of channels-first (di, b * l) tensors)
+    grad = lambda x: torch.empty_like(x) if lp == l else torch.empty(b, di, lp, device=x.device, dtype=x.dtype)
+    du, ddelta = grad(u), grad(delta)
+    dz = grad(z) if z is not None else None
     dB = torch.zeros(b, g, n, lp, device=u.device, dtype=torch.float32)
     dC = torch.zeros(b, g, n, lp, device=u.device, dtype=torch.float32)
     dA = torch.zeros(b, di, n, device=u.device, dtype=torch.float32)  # per-sequence partial sums
@@ -370,6 +375,7 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chu
         di, l, lp, n, di // g, g,
         *_strides(u, (0, 1)), *_strides(delta, (0, 1)), *_strides(z, (0, 1)),
         *_strides(B, (0, 1, 2)), *_strides(C, (0, 1, 2)), *_strides(dout, (0, 1)),
+        *_strides(du, (0, 1)), *_strides(ddelta, (0, 1)), *_strides(dz, (0, 1)),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         BLOCK_D=block_d, CHUNK=chunk, RUN=min(16 // u.element_size(), chunk), num_warps=num_warps, maxnreg=maxnreg,
     )

@@ -86,6 +86,30 @@ def test_scan_matches_reference(case, dtype):
                                    msg=lambda m: f"d{name}: {m}")
 
 
+def test_channels_first_views():
+    """The training layout: u, delta, z, B, C are (b, c, l) views of channels-first (c, b * l) tensors,
+    l a multiple of 16. The gradients come back in the inputs' own layout (so autograd passes them on
+    without a copy) and equal the reference's."""
+    b, di, l, n = 2, 8, 32, 4
+    gen = torch.Generator().manual_seed(3)
+    seq = lambda c: torch.randn(c, b * l, generator=gen).to(DEVICE).requires_grad_()  # noqa: E731
+    u, delta, z, B, C = seq(di), seq(di), seq(di), seq(n), seq(n)
+    A, D, bias = -torch.rand(di, n, generator=gen).to(DEVICE), torch.randn(di).to(DEVICE), torch.rand(di).to(DEVICE)
+    view = lambda x: x.view(-1, b, l).transpose(0, 1)  # noqa: E731
+    grads = []
+    for fn in (selective_scan_triton, selective_scan_ref):
+        out = fn(view(u), view(0.5 * torch.sigmoid(delta)), A, view(B), view(C), D, view(z), bias, True)
+        grads.append(torch.autograd.grad((out * out).sum(), (u, delta, z, B, C)))
+    for name, got, ref in zip("u delta z B C".split(), *grads):
+        torch.testing.assert_close(got, ref, rtol=6e-4, atol=2e-3, msg=lambda m: f"d{name}: {m}")
+    seen = {}
+    inputs = {name: view(x) for name, x in (("u", u), ("delta", delta), ("z", z))}
+    for name, x in inputs.items():
+        x.register_hook(lambda grad, name=name: seen.update({name: grad.stride()}))
+    selective_scan_triton(inputs["u"], inputs["delta"], A, view(B), view(C), D, inputs["z"], bias, True).sum().backward()
+    assert seen == {name: x.stride() for name, x in inputs.items()}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("g", [1, 2])
 def test_state_update_matches_reference(g, dtype):
