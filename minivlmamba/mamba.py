@@ -225,6 +225,19 @@ class Block(nn.Module):
     def forward(self, x, cache=None):
         return x + self.mixer(self.norm(x), cache)  # fp32 + bf16 adds in fp32: no separate cast
 
+    def forward_fused(self, out, residual):
+        """Upstream's cut of the same block, for training on GPUs (`MambaLM.hidden_states_fused`).
+
+        Args: out (b, l, d), the previous block's output (the embeddings at the first block);
+        residual (b*l, d) fp32, the stream it adds to (None at the first block).
+        Returns: this block's output (b, l, d) and the stream it will add to (b*l, d) fp32. The add and
+        this block's RMSNorm are one Triton kernel each way (triton_norm.py).
+        """
+        from minivlmamba.triton_norm import add_rms_norm  # here: Triton loads only when used
+        b, l, d = out.shape
+        residual, normed = add_rms_norm(out.reshape(b * l, d), residual, self.norm.weight, self.norm.eps)
+        return self.mixer.forward_channels_first(normed.view(b, l, d)), residual
+
     def step(self, x, cache):
         return x + self.mixer.step(self.norm(x), cache)
 
@@ -289,36 +302,28 @@ class MambaLM(nn.Module):
         """The loop of `hidden_states` for training on GPUs: x (b, l, d) fp32 -> (b, l, d) in the
         mixers' output dtype (bf16 under autocast: the LM head's input).
 
-        The same blocks cut at other places: the residual add of each block and the RMSNorm of the
-        next are one Triton kernel each way (triton_norm.py), and the mixers run channels first. So a
-        block boundary carries the residual stream x (fp32) and its normalised copy (bf16 under
-        autocast), which is also what gradient checkpointing keeps of each block (6 bytes an element
-        instead of 4). The channels-first mixers multiply (di, b * l) matrices: cuBLAS's fast kernels
-        and the scan's vector loads need rows that start 16-byte aligned (at an odd b * l the products
-        ran 4x slower). So each sequence is padded at its end to a multiple of 16 steps; every layer is
-        causal or per step, so the padding changes no real step and receives no gradient.
+        The same blocks cut where upstream cuts them (`Block.forward_fused`): each takes the previous
+        block's output and the residual stream, so that the residual add and the next RMSNorm are one
+        Triton kernel each way (triton_norm.py); the mixers run channels first. Gradient checkpointing
+        keeps both at each block (6 bytes an element instead of 4). The channels-first mixers multiply
+        (di, b * l) matrices: cuBLAS's fast kernels and the scan's vector loads need rows that start
+        16-byte aligned (at an odd b * l the products ran 4x slower). So each sequence is padded at its
+        end to a multiple of 16 steps; every layer is causal or per step, so the padding changes no
+        real step and receives no gradient.
         """
         from minivlmamba.triton_norm import add_rms_norm  # here: Triton loads only when used
         b, l, d = x.shape
         lp = l + -l % 16
-        x = F.pad(x, (0, 0, 0, lp - l)).view(b * lp, d)  # (b*lp, d)
-        layers = self.backbone.layers
-        first = layers[0].norm
-        residual, normed = add_rms_norm(x, None, first.weight, first.eps)  # (b*lp, d) each
-        for block, norm in zip(layers, [block.norm for block in layers[1:]] + [self.backbone.norm_f]):
+        out, residual = F.pad(x, (0, 0, 0, lp - l)), None  # (b, lp, d): the embeddings come in as an "output"
+        for block in self.backbone.layers:
             if self.gradient_checkpointing and self.training:
-                residual, normed = torch.utils.checkpoint.checkpoint(
-                    self._fused_block, block, norm, residual, normed, (b, lp, d), use_reentrant=False)
+                out, residual = torch.utils.checkpoint.checkpoint(block.forward_fused, out, residual,
+                                                                  use_reentrant=False)
             else:
-                residual, normed = self._fused_block(block, norm, residual, normed, (b, lp, d))
+                out, residual = block.forward_fused(out, residual)
+        norm = self.backbone.norm_f
+        _, normed = add_rms_norm(out.reshape(b * lp, d), residual, norm.weight, norm.eps)  # (b*lp, d)
         return normed.view(b, lp, d)[:, :l]
-
-    @staticmethod
-    def _fused_block(block, next_norm, residual, normed, shape):
-        """One mixer, then its residual add fused with the next norm: (x, norm(x)) -> the same after it."""
-        from minivlmamba.triton_norm import add_rms_norm
-        out = block.mixer.forward_channels_first(normed.view(shape))  # (b, lp, d)
-        return add_rms_norm(out.view(residual.shape), residual, next_norm.weight, next_norm.eps)
 
     def forward(self, input_ids=None, inputs_embeds=None, cache: InferenceCache | None = None):
         """input_ids (b, l) or inputs_embeds (b, l, d) -> logits (b, l, v)."""

@@ -11,7 +11,7 @@ import statistics
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -156,6 +156,8 @@ def parallel(model, fsdp):
         return DDP(model, device_ids=[torch.cuda.current_device()], gradient_as_bucket_view=True)
     for unit in (*model.lm.backbone.layers, model.vision):
         fully_shard(unit)
+    for block in model.lm.backbone.layers:  # the GPU training path calls this instead of forward
+        register_fsdp_forward_method(block, "forward_fused")
     fully_shard(model)
     return model
 
