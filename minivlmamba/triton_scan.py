@@ -106,7 +106,7 @@ def _pick(x, tc, t: tl.constexpr):
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, h0_ptr, last_ptr,
     DI, L, N, GROUP,
-    s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
+    s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_yb, s_yd,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr, SAVE: tl.constexpr,
 ):
@@ -152,7 +152,7 @@ def _scan_fwd_kernel(
         if HAS_Z:
             z = tl.load(z_ptr + pid_b * s_zb + d[None, :] * s_zd + t[:, None], mask=m, other=0.0).to(tl.float32)
             y *= z * tl.sigmoid(z)
-        tl.store(out_ptr + (pid_b * DI + d[None, :]) * L + t[:, None], y, mask=m)
+        tl.store(out_ptr + pid_b * s_yb + d[None, :] * s_yd + t[:, None], y, mask=m)
     tl.store(last_ptr + (pid_b * DI + d[None, :]) * N + n[:, None], h, mask=mnd)
 
 
@@ -337,14 +337,14 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, block_
     b, di, l = u.shape
     g, n = B.shape[1], A.shape[1]
     block_d = _block_d(di // g, block_d)
-    out = torch.empty(b, di, l, device=u.device, dtype=u.dtype)
+    out = torch.empty_like(u)  # in u's layout: channels first in training, so no copy follows
     h0 = torch.empty(b, triton.cdiv(l, save), di, n, device=u.device, dtype=torch.float32)
     last = torch.empty(b, di, n, device=u.device, dtype=torch.float32)
     _scan_fwd_kernel[(triton.cdiv(di, block_d), b)](
         u, delta, A, B, C, D, z, delta_bias, out, h0, last,
         di, l, n, di // g,
         *_strides(u, (0, 1)), *_strides(delta, (0, 1)), *_strides(z, (0, 1)),
-        *_strides(B, (0, 1, 2)), *_strides(C, (0, 1, 2)),
+        *_strides(B, (0, 1, 2)), *_strides(C, (0, 1, 2)), *_strides(out, (0, 1)),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         BLOCK_D=block_d, NP=triton.next_power_of_2(n), CHUNK=chunk, SAVE=save // chunk, num_warps=num_warps,
     )

@@ -88,8 +88,8 @@ def test_scan_matches_reference(case, dtype):
 
 def test_channels_first_views():
     """The training layout: u, delta, z, B, C are (b, c, l) views of channels-first (c, b * l) tensors,
-    l a multiple of 16. The gradients come back in the inputs' own layout (so autograd passes them on
-    without a copy) and equal the reference's."""
+    l a multiple of 16. The output and the gradients come back in the inputs' own layout (so no copy
+    follows) and equal the reference's."""
     b, di, l, n = 2, 8, 32, 4
     gen = torch.Generator().manual_seed(3)
     seq = lambda c: torch.randn(c, b * l, generator=gen).to(DEVICE).requires_grad_()  # noqa: E731
@@ -106,8 +106,9 @@ def test_channels_first_views():
     inputs = {name: view(x) for name, x in (("u", u), ("delta", delta), ("z", z))}
     for name, x in inputs.items():
         x.register_hook(lambda grad, name=name: seen.update({name: grad.stride()}))
-    selective_scan_triton(inputs["u"], inputs["delta"], A, view(B), view(C), D, inputs["z"], bias, True).sum().backward()
-    assert seen == {name: x.stride() for name, x in inputs.items()}
+    out = selective_scan_triton(inputs["u"], inputs["delta"], A, view(B), view(C), D, inputs["z"], bias, True)
+    out.sum().backward()
+    assert seen == {name: x.stride() for name, x in inputs.items()} and out.stride() == inputs["u"].stride()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
