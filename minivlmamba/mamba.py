@@ -173,9 +173,10 @@ class MambaMixer(nn.Module):
         five in the forward and as many in the backward. Here the products are plain matrix products
         on the channels-first layout (cuBLAS reads either operand transposed for free), the causal
         convolution + SiLU is one Triton kernel each way (triton_conv.py), and the scan reads
-        (b, di, l) views (it takes any strides with contiguous steps). One copy is left: the scan's
-        output, to channels first. The products are `WeightProduct`s, which keep no bf16 copy of the
-        weights for the backward. Same parameters, same result (tests/test_training.py).
+        (b, di, l) views (it takes any strides with contiguous steps) and, at l a multiple of 16 (as
+        MambaLM pads it), writes its output and the gradients of u, delta and z in their layouts: no
+        copy is left. The products are `WeightProduct`s, which keep no bf16 copy of the weights for
+        the backward. Same parameters, same result (tests/test_training.py).
         """
         from minivlmamba.triton_conv import causal_conv1d_silu  # here: Triton loads only when used
         b, l, d = hidden.shape
@@ -186,17 +187,12 @@ class MambaMixer(nn.Module):
         xz = WeightProduct.apply(self.in_proj.weight, hidden.t(), True)  # (2di, b*l)
         x, z = causal_conv1d_silu(xz.view(2, di, b, l), self.conv1d.weight[:, 0], self.conv1d.bias)  # (di, b, l) each
         dt, B, C = WeightProduct.apply(self.x_proj.weight, x.view(di, b * l), True).split([r, n, n])  # (r|n|n, b*l)
+        delta = WeightProduct.apply(self.dt_proj.weight, dt, True)  # (di, b*l); its bias goes into the scan
         seq = lambda t: t.view(-1, b, l).transpose(0, 1)  # (c, b*l) -> (b, c, l), a view
-        # The scan returns its gradients laid out (b, di, l). x and z reach it as views of their (di, b, l)
-        # tensors, so theirs come back as views too (x's adds into that of x_proj in one pass); delta is
-        # made (b, di, l) by a product per sequence, whose backward reads that layout as it is.
-        # (The weight is cast here, before it is repeated for the b products, not b times by autocast.)
-        w_dt = self.dt_proj.weight.to(dt.dtype).expand(b, di, r)  # (b, di, r), a view
-        delta = torch.bmm(w_dt, seq(dt))  # (b, di, l); the bias goes into the scan as delta_bias
-        y = selective_scan(x.transpose(0, 1), delta, -torch.exp(self.A_log.float()), seq(B), seq(C),
+        y = selective_scan(x.transpose(0, 1), seq(delta), -torch.exp(self.A_log.float()), seq(B), seq(C),
                            self.D.float(), z=z.transpose(0, 1), delta_bias=self.dt_proj.bias.float(),
                            delta_softplus=True, backend=self.cfg.scan_backend)  # (b, di, l)
-        y = y.transpose(0, 1).reshape(di, b * l)  # (di, b*l): the one copy
+        y = y.transpose(0, 1).reshape(di, b * l)  # (di, b*l): a view where the scan kept u's layout
         return WeightProduct.apply(self.out_proj.weight, y.t(), False).view(b, l, d)  # (b, l, d)
 
     def step(self, hidden, cache: InferenceCache):
