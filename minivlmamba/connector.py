@@ -62,8 +62,10 @@ class VSS(nn.Module):
         self.out_proj = nn.Linear(di, width, bias=False)
 
     def cross_scan(self, x):
-        """(b, di, p) -> (b, k, di, p): the sequence each direction reads."""
-        return x[:, :, self.order].transpose(1, 2)  # indexing gives (b, di, k, p)
+        """(b, di, p) -> (b, k, di, p): the sequence each direction reads. (index_select, not x[:, :,
+        order]: the same values, but advanced indexing's backward sorts the indices, ~1 ms a sample.)"""
+        picked = x.index_select(2, self.order.flatten()).unflatten(2, self.order.shape)  # (b, di, k, p)
+        return picked.transpose(1, 2)
 
     def cross_merge(self, ys):
         """(b, k, di, p) -> (b, di, p): put each direction back in patch order, then sum."""
