@@ -52,7 +52,9 @@ def test_train_writes_a_complete_checkpoint(checkpoint):
 
 
 def test_resume_after_kill_is_exact(tmp_path):
-    args = [*QUICK, "--save-every", "1"]
+    # on the CPU: on a GPU two straight runs already differ in the last bits (the Triton backward kernels
+    # sum dB, dC, dA and the conv weights' gradients with atomics, in no fixed order)
+    args = [*QUICK, "--device", "cpu", "--save-every", "1"]
     run("train.py", *args, "--out", tmp_path / "straight")
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "--out", str(killed)], cwd=ROOT,

@@ -13,7 +13,7 @@ import torch.distributed
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--batch-size", "8", "--log-every", "2", "--eval-per-family", "2"]
+QUICK = ["--device", "cpu", "--batch-size", "8", "--log-every", "2", "--eval-per-family", "2"]  # gloo, on any machine
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
 
