@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -168,11 +169,12 @@ def main():
         # for its backward) and dropped after it; its gradients are summed and scattered back into
         # shards. Units: each LM block, the tower, and the rest (embedding, final norm, connector).
         # The weights travel in fp32 and autocast casts them, exactly as without FSDP.
+        mesh = init_device_mesh("cuda" if cuda else "cpu", (world,))  # named: by default FSDP takes a GPU if any
         for unit in (*model.lm.backbone.layers, model.vision):
-            fully_shard(unit)
+            fully_shard(unit, mesh=mesh)
         for block in model.lm.backbone.layers:  # the GPU training path calls this instead of forward
             register_fsdp_forward_method(block, "forward_fused")
-        fully_shard(model)  # the same module object, its parameters now shards (DTensors)
+        fully_shard(model, mesh=mesh)  # the same module object, its parameters now shards (DTensors)
     elif distributed:
         # gradients stored in DDP's all-reduce buckets: no second copy of them (11 GB for the 2.8B LM)
         model = DDP(model, device_ids=[torch.device(device).index] if cuda else None, gradient_as_bucket_view=True)
