@@ -162,7 +162,7 @@ def _adjoint_scan(a1, g, dh_in, first_out, mask, RUN: tl.constexpr):
     last step: a reverse scan, written out in its two levels with forward scans only (Triton's
     `reverse=True` reverses the whole tile across the lanes, before and after, at about five shuffles an
     element). Each thread holds RUN consecutive steps: reversing those is free, so each run is scanned in
-    its thread. The runs' totals are then chained across the lanes from the chunk's end with four
+    its thread. The runs' totals are then chained across the lanes from the chunk's end in log2(W)
     rounds of shuffles (tl.gather), and each run applies the adjoint entering it from its right. Also
     writes dh at the chunk's first step to first_out (BLOCK_D,) pointers, where mask."""
     BLOCK_D: tl.constexpr = a1.shape[0]
