@@ -168,7 +168,7 @@ def main():
         # gradient and AdamW state. A unit's weights are gathered just before its forward (and again
         # for its backward) and dropped after it; its gradients are summed and scattered back into
         # shards. Units: each LM block, the tower, and the rest (embedding, final norm, connector).
-        # The weights travel in fp32 and autocast casts them, exactly as without FSDP.
+        # The weights travel in fp32 and are cast to bf16 for the products, exactly as without FSDP.
         mesh = init_device_mesh("cuda" if cuda else "cpu", (world,))  # named: by default FSDP takes a GPU if any
         for unit in (*model.lm.backbone.layers, model.vision):
             fully_shard(unit, mesh=mesh)

@@ -103,9 +103,12 @@ class WeightProduct(torch.autograd.Function):
     def backward(ctx, grad):
         weight, x = ctx.saved_tensors
         w = weight.to(grad.dtype)
+        need_dw, need_dx = ctx.needs_input_grad[:2]  # a frozen LM (stage 1) needs no weight gradients
         if ctx.weight_first:  # out = w x
-            return _product_in(weight.dtype, grad, x.t()), _product_like(x, w.t(), grad), None
-        return _product_in(weight.dtype, grad.t(), x), _product_like(x, grad, w), None  # out = x w^T
+            dw = _product_in(weight.dtype, grad, x.t()) if need_dw else None
+            return dw, _product_like(x, w.t(), grad) if need_dx else None, None
+        dw = _product_in(weight.dtype, grad.t(), x) if need_dw else None  # out = x w^T
+        return dw, _product_like(x, grad, w) if need_dx else None, None
 
 
 def _product_in(dtype, a, b):
@@ -173,10 +176,11 @@ class MambaMixer(nn.Module):
         five in the forward and as many in the backward. Here the products are plain matrix products
         on the channels-first layout (cuBLAS reads either operand transposed for free), the causal
         convolution + SiLU is one Triton kernel each way (triton_conv.py), and the scan reads
-        (b, di, l) views (it takes any strides with contiguous steps) and, at l a multiple of 16 (as
-        MambaLM pads it), writes its output and the gradients of u, delta and z in their layouts: no
-        copy is left. The products are `WeightProduct`s, which keep no bf16 copy of the weights for
-        the backward. Same parameters, same result (tests/test_training.py).
+        (b, di, l) views (it takes any strides with contiguous steps), writes its output in u's layout
+        and, at l a multiple of 16 (as MambaLM pads it), the gradients of u, delta and z in theirs. One
+        copy is left: z's gradient into in_proj's (in the conv's backward). The products are
+        `WeightProduct`s, which keep no bf16 copy of the weights for the backward. Same parameters,
+        same result (tests/test_training.py).
         """
         from minivlmamba.triton_conv import causal_conv1d_silu  # here: Triton loads only when used
         b, l, d = hidden.shape

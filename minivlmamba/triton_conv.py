@@ -147,10 +147,7 @@ class CausalConvSiLU(torch.autograd.Function):
         _conv_bwd_x_kernel[(triton.cdiv(l, block_t), triton.cdiv(di, block_c), b)](
             g, weight, dx, di, l, g.stride(0), g.stride(1), dx.stride(0), dx.stride(1),
             K=k, BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
-        if dz is None:  # the gate was not used
-            dxz[1].zero_()
-        else:
-            dxz[1].copy_(dz)
+        dxz[1].copy_(dz)
         return dxz, dw.to(weight.dtype), dbias.to(bias.dtype), None, None
 
 

@@ -77,6 +77,7 @@ class AddRMSNorm(torch.autograd.Function):
                                       HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(d), num_warps=8)
         ctx.save_for_backward(x, weight, rstd)
         ctx.has_res, ctx.out_dtype = residual is not None, out.dtype
+        ctx.set_materialize_grads(False)  # x's gradient stays None where x is not used (the final norm)
         return x, y
 
     @staticmethod

@@ -64,10 +64,11 @@ def test_fused_lm_equals_the_readable_lm(checkpointing):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=2e-3, msg=name)
 
 
+@pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("weight_first", [True, False])
-def test_weight_product_equals_the_autocast_product(weight_first):
+def test_weight_product_equals_the_autocast_product(weight_first, frozen):
     torch.manual_seed(0)
-    weight = torch.randn(24, 40, device=DEVICE, requires_grad=True)  # fp32 master weight
+    weight = torch.randn(24, 40, device=DEVICE, requires_grad=not frozen)  # fp32 master weight
     x = torch.randn((40, 56) if weight_first else (56, 40), device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(24, 56) if weight_first else torch.randn(56, 24)
     results = []
@@ -79,10 +80,14 @@ def test_weight_product_equals_the_autocast_product(weight_first):
         results.append((out, x.grad, weight.grad))
         x.grad = weight.grad = None
     (want_out, want_dx, want_dw), (got_out, got_dx, got_dw) = results
-    assert got_out.dtype == want_out.dtype == torch.bfloat16 and got_dw.dtype == torch.float32
+    assert got_out.dtype == want_out.dtype == torch.bfloat16
     torch.testing.assert_close(got_out, want_out, rtol=0, atol=0)
     torch.testing.assert_close(got_dx, want_dx, rtol=0, atol=0)
-    torch.testing.assert_close(got_dw, want_dw, rtol=1e-2, atol=1e-2)  # ours is not rounded to bf16 first
+    if frozen:  # a frozen weight gets no gradient (and none is computed)
+        assert got_dw is None and want_dw is None
+    else:
+        assert got_dw.dtype == torch.float32
+        torch.testing.assert_close(got_dw, want_dw, rtol=1e-2, atol=1e-2)  # on CUDA ours is not rounded to bf16
 
 
 @pytest.mark.parametrize("b, l", [(3, 13), (2, 2), (1, 300)])  # odd l, l shorter than the kernel, several tiles
@@ -113,8 +118,8 @@ def test_rms_norm_equals_its_formula():
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("with_residual", [True, False])
-def test_fused_add_rms_norm_equals_its_formula(out_dtype, with_residual):
+@pytest.mark.parametrize("with_residual, x_used", [(True, True), (False, True), (True, False)])
+def test_fused_add_rms_norm_equals_its_formula(out_dtype, with_residual, x_used):
     torch.manual_seed(0)
     rows, d = 6, 40  # d not a power of two: masked columns
     norm = RMSNorm(d)
@@ -133,8 +138,12 @@ def test_fused_add_rms_norm_equals_its_formula(out_dtype, with_residual):
         inputs = [t.detach().clone().to(device).requires_grad_() if t is not None else None
                   for t in (out, residual, norm.weight)]
         x, normed = fn(*inputs)
-        torch.autograd.backward((x, normed), (dx.to(device), dnormed.to(device)))
+        if x_used:
+            torch.autograd.backward((x, normed), (dx.to(device), dnormed.to(device)))
+        else:  # the final norm: only normed goes on
+            normed.backward(dnormed.to(device))
         results.append([t.detach().cpu().float() for t in [x, normed] + [t.grad for t in inputs if t is not None]])
+    names = ["x", "normed", "out"] + (["residual"] if with_residual else []) + ["weight"]
     tol = dict(rtol=1e-5, atol=1e-5) if out_dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    for name, got, want in zip(["x", "normed", "out", "residual", "weight"][:len(results[0])], results[1], results[0]):
+    for name, got, want in zip(names, results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, **tol, msg=name)

@@ -47,7 +47,7 @@ def scan_args(leaves, g):
     B = leaves["B"].transpose(-1, -2)  # (b, g, n, l), non-contiguous
     C = leaves["C"]
     return dict(u=leaves["u"].transpose(1, 2), delta=leaves["delta"][:, :di], A=leaves["A"],
-                B=B[:, 0] if g == 1 else B, C=C[:, 0] if g == 1 else C, D=leaves["D"],
+                B=B[:, 0] if g == 1 else B, C=C[:, 0] if g == 1 else C, D=leaves.get("D"),
                 z=leaves.get("z"), delta_bias=leaves.get("delta_bias"))
 
 
@@ -86,11 +86,30 @@ def test_scan_matches_reference(case, dtype):
                                    msg=lambda m: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_D_and_one_run_a_chunk(dtype):
+    """No skip term D, and backward chunks of 8 steps: a single thread's run (bf16), so the chain of runs
+    across lanes has nothing to do."""
+    b, di, l, n = 2, 4, 37, 4
+    rtol, atol = TOL[dtype]
+    leaves = make_inputs(b, di, l, n, 1, dtype, has_z=True, has_bias=True, seed=5)
+    leaves.pop("D")
+    twin = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
+    dout = torch.randn(b, di, l, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    selective_scan_triton(**scan_args(leaves, 1), delta_softplus=True, chunk=4, bwd_chunk=8).backward(dout)
+    selective_scan_ref(**scan_args(twin, 1), delta_softplus=True).backward(dout)
+    scale = {"u": (2, 2), "delta": (5, 10), "A": (1, 5)}
+    for name, leaf in leaves.items():
+        rs, as_ = scale.get(name, (1, 1))
+        torch.testing.assert_close(leaf.grad.float(), twin[name].grad.float(), rtol=rtol * rs, atol=atol * as_,
+                                   msg=lambda m: f"d{name}: {m}")
+
+
 def test_channels_first_views():
     """The training layout: u, delta, z, B, C are (b, c, l) views of channels-first (c, b * l) tensors,
     l a multiple of 16. The output and the gradients come back in the inputs' own layout (so no copy
     follows) and equal the reference's."""
-    b, di, l, n = 2, 8, 32, 4
+    b, di, l, n = 2, 8, 160, 4  # two backward chunks of 128 steps
     gen = torch.Generator().manual_seed(3)
     seq = lambda c: torch.randn(c, b * l, generator=gen).to(DEVICE).requires_grad_()  # noqa: E731
     u, delta, z, B, C = seq(di), seq(di), seq(di), seq(n), seq(n)
