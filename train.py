@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -38,8 +37,7 @@ from minivlmamba.connector import CONNECTORS, SCANS
 from minivlmamba.data import LlavaDataset, collate, collate_good, encode_sample, sample_order
 from minivlmamba.pretrained import load_tokenizer
 from minivlmamba.shapes import FAMILIES, held_out_set, train_tokenizer, training_sample
-
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, from the datasheets
+from minivlmamba.vlm import peak_bf16_flops
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,17 +162,9 @@ def main():
         getattr(model, part).requires_grad_(part in trained)  # before DDP and FSDP, which read it
     raw_model = model
     if args.fsdp:
-        # Fully sharded data parallel (PyTorch's FSDP2): each process stores 1/world of every weight,
-        # gradient and AdamW state. A unit's weights are gathered just before its forward (and again
-        # for its backward) and dropped after it; its gradients are summed and scattered back into
-        # shards. Units: each LM block, the tower, and the rest (embedding, final norm, connector).
-        # The weights travel in fp32 and are cast to bf16 for the products, exactly as without FSDP.
-        mesh = init_device_mesh("cuda" if cuda else "cpu", (world,))  # named: by default FSDP takes a GPU if any
-        for unit in (*model.lm.backbone.layers, model.vision):
-            fully_shard(unit, mesh=mesh)
-        for block in model.lm.backbone.layers:  # the GPU training path calls this instead of forward
-            register_fsdp_forward_method(block, "forward_fused")
-        fully_shard(model, mesh=mesh)  # the same module object, its parameters now shards (DTensors)
+        # FSDP (VLMamba.shard): the weights travel in fp32 and are cast to bf16 for the products,
+        # exactly as without FSDP. The mesh is named: by default FSDP takes a GPU if there is one.
+        model.shard(init_device_mesh("cuda" if cuda else "cpu", (world,)))
     elif distributed:
         # gradients stored in DDP's all-reduce buckets: no second copy of them (11 GB for the 2.8B LM)
         model = DDP(model, device_ids=[torch.device(device).index] if cuda else None, gradient_as_bucket_view=True)
@@ -249,7 +239,7 @@ def main():
             save_train_state(out, dict(model=weights, optimizer=opt_state, step=step))
 
     # MFU: model FLOPs (VLMamba.training_flops) over the card's peak bf16 rate.
-    peak = next((rate for name, rate in PEAK_FLOPS.items() if cuda and name in torch.cuda.get_device_name()), 0)
+    peak = peak_bf16_flops(torch.cuda.get_device_name()) if cuda else None
     t0, tokens, flops, skipped, start_step = time.time(), 0, 0, 0, step
     while step < steps:
         for group in optimizer.param_groups:

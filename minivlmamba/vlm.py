@@ -21,6 +21,13 @@ from minivlmamba.templates import IGNORE
 from minivlmamba.vision import VisionTower
 
 EOT_ID = 0  # <|endoftext|>: the end of every answer and the stop token
+PEAK_BF16_FLOPS = {"H100 80GB HBM3": 989e12, "H200": 989e12, "A100": 312e12}  # dense, datasheets (no sparsity)
+
+
+def peak_bf16_flops(card):
+    """The dense bf16 FLOP/s of a GPU by its name (torch.cuda.get_device_name()), for MFU; None if unknown
+    (the H100 PCIe and NVL, for one, have lower peaks than the SXM card named here)."""
+    return next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in card), None)
 
 
 class VLMamba(nn.Module):
@@ -53,6 +60,19 @@ class VLMamba(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
         return logits, loss
+
+    def shard(self, mesh):
+        """Fully sharded data parallel (PyTorch's FSDP2) over mesh: each process stores 1/world of every
+        weight, gradient and AdamW state. A unit's weights are gathered just before its forward (and
+        again for its backward) and dropped after it; its gradients are summed and scattered back into
+        shards. Units: each LM block, the tower, and the rest (embedding, final norm, connector). The
+        same module object stays, its parameters now shards (DTensors)."""
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method  # here: loaded only for FSDP
+        for unit in (*self.lm.backbone.layers, self.vision):
+            fully_shard(unit, mesh=mesh)
+        for block in self.lm.backbone.layers:  # the GPU training path calls this instead of forward
+            register_fsdp_forward_method(block, "forward_fused")
+        fully_shard(self, mesh=mesh)
 
     def training_flops(self, text_tokens):
         """Model FLOPs of one training sample, for MFU: each weight counts once per token it

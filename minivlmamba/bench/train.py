@@ -11,16 +11,15 @@ import statistics
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from minivlmamba.bench.common import copy_bandwidth
 from minivlmamba.config import preset
-from minivlmamba.vlm import VLMamba
+from minivlmamba.vlm import VLMamba, peak_bf16_flops
 
-PEAK_BF16 = {"H100 80GB HBM3": 989e12, "H200": 989e12}  # dense bf16 FLOP/s, SXM datasheets (no sparsity)
 MATRIX_OPS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm,
               torch.ops.aten.convolution, torch.ops.aten.convolution_backward}
 
@@ -150,15 +149,10 @@ def profile_step(model, optimizer, params, batch, accumulation, say, rows=20):
 
 
 def parallel(model, fsdp):
-    """The model wrapped as train.py wraps it under torchrun: DDP, or with fsdp FSDP2 units of one LM
-    block each, the tower, and the rest."""
+    """The model wrapped as train.py wraps it under torchrun: DDP, or with fsdp VLMamba.shard."""
     if not fsdp:
         return DDP(model, device_ids=[torch.cuda.current_device()], gradient_as_bucket_view=True)
-    for unit in (*model.lm.backbone.layers, model.vision):
-        fully_shard(unit)
-    for block in model.lm.backbone.layers:  # the GPU training path calls this instead of forward
-        register_fsdp_forward_method(block, "forward_fused")
-    fully_shard(model)
+    model.shard(init_device_mesh("cuda", (dist.get_world_size(),)))
     return model
 
 
@@ -172,8 +166,7 @@ def bench_train(args):
     world = dist.get_world_size() if distributed else 1
     say = print if not distributed or dist.get_rank() == 0 else (lambda *a, **k: None)
     card = torch.cuda.get_device_name()
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else next(
-        (flops for name, flops in PEAK_BF16.items() if name in card), None)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_bf16_flops(card)
     if peak is None:
         raise SystemExit(f"no peak bf16 FLOP/s known for {card!r}: pass --peak-tflops")
     bw = copy_bandwidth()
