@@ -4,9 +4,8 @@ that calls this, are in `triton_scan.py`; its docstring has the shape legend and
 Its programs own BLOCK_D channels (2 by default) and walk chunks of bwd_chunk steps in reverse,
 with the tile laid out (BLOCK_D, CHUNK) as in the official CUDA kernel: the steps spread over the
 lanes (each thread a run of RUN consecutive steps, 16 bytes: 8 steps of bf16, 4 of fp32), and a
-loop over the state index n. Per
-chunk and state k, the program recomputes a_t and h_t from the saved h0 (a scan across the lanes),
-then runs the adjoint recurrence backwards in time:
+loop over the state index n. Per chunk and state k, the program recomputes a_t and h_t from the
+saved h0 (a scan across the lanes), then runs the adjoint recurrence backwards in time:
     dh_t = C_t dy_t + a_{t+1} dh_{t+1}                (the NEXT step's decay),  dy_t = dout_t silu(z_t)
 with dh of the next chunk's first step carried in through a small double-buffered (b, 2, di, n)
 scratch. With x_t = delta_t B_t u_t and a_t h_{t-1} = h_t - x_t:
@@ -157,14 +156,14 @@ def _scan_bwd_kernel(
         carry_out = carry_col + (c % 2) * DI * N
         tl.debug_barrier()  # the next chunk's carries, written by another thread, are visible
         tt = t[None, :] + 0 * d[:, None]  # (BLOCK_D, CHUNK) the steps, in the tile's shape
-        A, Bk, Ck, h0, dh_in = _state_inputs(0, A_col, B_row, C_row, h0_col + c * DI * N, carry_in, tt, md, mo,
-                                             s_Bn, s_Cn)
+        h0_chunk = h0_col + c * DI * N  # (BLOCK_D,) the states saved at the chunk's start
+        A, Bk, Ck, h0, dh_in = _state_inputs(0, A_col, B_row, C_row, h0_chunk, carry_in, tt, md, mo, s_Bn, s_Cn)
         for k in range(N):
             # issue the loads of state k + 1 now, so that they arrive while state k computes (after
             # the last state, state 0 again: a valid address, the values unused). Measured only as part
             # of the whole v6 kernel, not on its own (notes/scan-kernels.md)
-            A_nxt, B_nxt, C_nxt, h0_nxt, dh_nxt = _state_inputs((k + 1) % N, A_col, B_row, C_row, h0_col + c * DI * N,
-                                                                carry_in, tt, md, mo, s_Bn, s_Cn)
+            A_nxt, B_nxt, C_nxt, h0_nxt, dh_nxt = _state_inputs((k + 1) % N, A_col, B_row, C_row, h0_chunk, carry_in,
+                                                                tt, md, mo, s_Bn, s_Cn)
             A2 = A * LOG2E
 
             # recompute the chunk's states of state index k from the saved h0
