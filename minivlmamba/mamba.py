@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from minivlmamba.scan import selective_scan, selective_state_update
+from minivlmamba.weight_product import WeightProduct
 
 
 @dataclass
@@ -82,46 +83,6 @@ class InferenceCache:
     ssm_state: torch.Tensor
 
 
-class WeightProduct(torch.autograd.Function):
-    """weight @ x (weight_first) or x @ weight.t(), in x's dtype, for a fp32 master weight and bf16 x.
-
-    Under autocast a product casts its fp32 weight to bf16 and keeps that copy until the layer's
-    backward: every layer's copy is alive at once at the peak of memory, 5.5 GB for Mamba-2.8B. This
-    one keeps only the fp32 weight and casts it again in the backward (a pass over the weights, small
-    next to a step's products), and the weight's gradient leaves the matrix units in fp32 instead of
-    being rounded to bf16 and cast back. Same values as the autocast product (tests/test_training.py).
-    """
-
-    @staticmethod
-    def forward(ctx, weight, x, weight_first):
-        ctx.save_for_backward(weight, x)
-        ctx.weight_first = weight_first
-        w = weight.to(x.dtype)
-        return w @ x if weight_first else x @ w.t()
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, x = ctx.saved_tensors
-        w = weight.to(grad.dtype)
-        need_dw, need_dx = ctx.needs_input_grad[:2]  # a frozen LM (stage 1) needs no weight gradients
-        if ctx.weight_first:  # out = w x
-            dw = _product_in(weight.dtype, grad, x.t()) if need_dw else None
-            return dw, _product_like(x, w.t(), grad) if need_dx else None, None
-        dw = _product_in(weight.dtype, grad.t(), x) if need_dw else None  # out = x w^T
-        return dw, _product_like(x, grad, w) if need_dx else None, None
-
-
-def _product_in(dtype, a, b):
-    """a @ b returned in dtype; on CUDA cuBLAS writes fp32 straight from its fp32 sums of bf16 inputs."""
-    return torch.mm(a, b, out_dtype=dtype) if a.is_cuda and a.dtype != dtype else (a @ b).to(dtype)
-
-
-def _product_like(x, a, b):
-    """a @ b, laid out as x: where x is a transposed view, computed as (b^T a^T)^T, so that the gradient
-    reaches x's producer in its own layout (a transposed one would cost a strided copy later)."""
-    return (b.t() @ a.t()).t() if x.t().is_contiguous() and not x.is_contiguous() else a @ b
-
-
 class MambaMixer(nn.Module):
     """One Mamba layer: in_proj -> causal conv -> SiLU -> selective scan (gated by z) -> out_proj."""
 
@@ -179,8 +140,9 @@ class MambaMixer(nn.Module):
         (b, di, l) views (it takes any strides with contiguous steps), writes its output in u's layout
         and, at l a multiple of 16 (as MambaLM pads it), the gradients of u, delta and z in theirs. One
         copy is left: z's gradient into in_proj's (in the conv's backward). The products are
-        `WeightProduct`s, which keep no bf16 copy of the weights for the backward. Same parameters,
-        same result (tests/test_training.py).
+        `WeightProduct`s (weight_product.py): fp32 weights cast to bf16 once an optimizer step, fp32
+        weight gradients that cuBLAS adds into `.grad` itself. Same parameters, same result
+        (tests/test_training.py).
         """
         from minivlmamba.triton_conv import causal_conv1d_silu  # here: Triton loads only when used
         b, l, d = hidden.shape

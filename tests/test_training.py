@@ -1,7 +1,9 @@
 """The training fast paths == their readable twins, values and gradients: the channels-first Mamba
 mixer (with the reference scan and with the Triton scan) against the readable mixer, the fused LM
 (padded sequences, fused residual add + RMSNorm, with and without checkpointing) against the
-readable LM, the product that keeps fp32 weights against autocast's, the fused causal convolution +
+readable LM, the product that keeps fp32 weights against autocast's (and, with its cast kept a step and
+its gradients added into .grad, against a fresh cast and autograd's accumulation over several
+steps), the fused causal convolution +
 SiLU against torch's, the fused add + RMSNorm and torch's RMSNorm against their formula. On a
 machine without CUDA the Triton kernels run in Triton's interpreter on the CPU."""
 
@@ -14,9 +16,11 @@ if not torch.cuda.is_available():
 
 import pytest
 
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from minivlmamba.mamba import MambaConfig, MambaLM, MambaMixer, RMSNorm, WeightProduct
+from minivlmamba.mamba import MambaConfig, MambaLM, MambaMixer, RMSNorm
+from minivlmamba.weight_product import WeightProduct, cast_weight
 from minivlmamba.triton_conv import causal_conv1d_silu
 from minivlmamba.triton_norm import add_rms_norm
 
@@ -88,6 +92,105 @@ def test_weight_product_equals_the_autocast_product(weight_first, frozen):
     else:
         assert got_dw.dtype == torch.float32
         torch.testing.assert_close(got_dw, want_dw, rtol=1e-2, atol=1e-2)  # on CUDA ours is not rounded to bf16
+
+
+def plain_weight_gradient(a, b):
+    """a @ b in fp32 as WeightProduct's backward returns it to autograd: unrounded on CUDA."""
+    return torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else (a @ b).float()
+
+
+def product_operands(weight_first, generator):
+    """x and the output's gradient for a (24, 40) weight, bf16."""
+    x = torch.randn((40, 56) if weight_first else (56, 40), generator=generator)
+    grad = torch.randn((24, 56) if weight_first else (56, 24), generator=generator)
+    return x.to(DEVICE, torch.bfloat16), grad.to(DEVICE, torch.bfloat16)
+
+
+def record_handed_back(out, handed_back):
+    """Notes, when out's backward runs, whether it handed the weight's gradient to autograd."""
+    out.grad_fn.register_hook(lambda grad_inputs, grad_outputs: handed_back.append(grad_inputs[0] is not None))
+
+
+@pytest.mark.parametrize("weight_first", [True, False])
+def test_weight_product_trains_like_the_plain_path(weight_first):
+    """3 steps of 3 accumulated micro-batches and fused AdamW: the cast kept for a step and the
+    gradients added into .grad by the backward give exactly the values of a fresh cast for every
+    product and autograd's accumulation. A cast kept past an optimizer step, or a gradient added
+    twice or lost, would differ."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 40, generator=generator).to(DEVICE).requires_grad_()
+    plain = weight.detach().clone().requires_grad_()
+    optimizers = [torch.optim.AdamW([w], lr=0.1, fused=True) for w in (weight, plain)]
+    handed_back = []
+    for step in range(3):
+        for micro in range(3):
+            x, grad = product_operands(weight_first, generator)
+            out = WeightProduct.apply(weight, x, weight_first)
+            record_handed_back(out, handed_back)
+            out.backward(grad)
+            w = plain.detach().to(torch.bfloat16)  # the plain path: a fresh cast, autograd's accumulation
+            want = w @ x if weight_first else x @ w.t()
+            dw = plain_weight_gradient(grad, x.t()) if weight_first else plain_weight_gradient(grad.t(), x)
+            plain.grad = dw if plain.grad is None else plain.grad + dw
+            torch.testing.assert_close(out, want, rtol=0, atol=0)
+            torch.testing.assert_close(weight.grad, plain.grad, rtol=0, atol=0)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        torch.testing.assert_close(weight, plain, rtol=0, atol=0)
+    assert handed_back == [True, False, False] * 3  # the first micro-batch of a step creates .grad
+
+
+def test_weight_cast_is_kept_until_the_weight_changes():
+    weight = torch.randn(24, 40, device=DEVICE, requires_grad=True)
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)  # writes without bumping weight._version
+
+    def optimizer_step():
+        weight.grad = torch.ones_like(weight)
+        optimizer.step()
+
+    def in_place_write():
+        with torch.no_grad():
+            weight.mul_(2)
+
+    def new_storage():
+        weight.data = torch.randn_like(weight)
+
+    cast = cast_weight(weight, torch.bfloat16)
+    assert cast_weight(weight, torch.bfloat16) is cast  # one cast for all the products until a change
+    for change in (optimizer_step, in_place_write, new_storage):
+        change()
+        new = cast_weight(weight, torch.bfloat16)
+        assert new is not cast, change.__name__
+        torch.testing.assert_close(new, weight.detach().to(torch.bfloat16), rtol=0, atol=0, msg=change.__name__)
+        cast = new
+
+
+def test_weight_product_hands_the_gradient_back_where_autograd_needs_it():
+    """torch.autograd.grad, backward(inputs=...) without the weight, torch.distributed (whose DDP and
+    FSDP hooks watch the weight's AccumulateGrad): the gradient goes through autograd, .grad is left
+    alone, and under torch.distributed every product casts afresh."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 40, generator=generator).to(DEVICE).requires_grad_()
+    x, grad = product_operands(True, generator)
+    x.requires_grad_()
+    want = plain_weight_gradient(grad, x.t())
+    weight.grad = torch.zeros_like(weight)
+    (dw,) = torch.autograd.grad(WeightProduct.apply(weight, x, True), weight, grad)
+    torch.testing.assert_close(dw, want, rtol=0, atol=0)
+    WeightProduct.apply(weight, x, True).backward(grad, inputs=[x])
+    assert not weight.grad.any()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        handed_back = []
+        out = WeightProduct.apply(weight, x, True)
+        record_handed_back(out, handed_back)
+        out.backward(grad)
+        assert handed_back == [True]
+        torch.testing.assert_close(weight.grad, want, rtol=0, atol=0)
+        assert cast_weight(weight, torch.bfloat16) is not cast_weight(weight, torch.bfloat16)
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("b, l", [(3, 13), (2, 2), (1, 300)])  # odd l, l shorter than the kernel, several tiles
