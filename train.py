@@ -247,7 +247,13 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         losses = []
         for batch, bad in micro_batches(step):
-            skipped += bad
+            if distributed:  # a micro-batch that one process has no good sample of is dropped by all, or
+                # their collectives would stop pairing up; the bad samples are counted over all processes
+                counts = torch.tensor([batch is None, bad], dtype=torch.float32, device=device)
+                dist.all_reduce(counts)
+                empty, bad = counts.tolist()
+                batch = None if empty else batch
+            skipped += int(bad)
             if batch is None:  # every sample of this micro-batch was bad
                 continue
             pixel_values, input_ids, labels = (t.to(device, non_blocking=True) for t in batch)

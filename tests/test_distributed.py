@@ -1,7 +1,10 @@
-"""train.py under torchrun on the CPU (2 processes, gloo): FSDP trains exactly as DDP does, and a
-checkpoint written by any number of processes, sharded or not, resumes on any other number."""
+"""train.py under torchrun on the CPU (2 processes, gloo): FSDP trains exactly as DDP does, a
+checkpoint written by any number of processes, sharded or not, resumes on any other number, and bad
+samples never leave the processes out of step."""
 
+import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -11,6 +14,8 @@ import pytest
 import torch
 import torch.distributed
 from safetensors.torch import load_file
+
+from minivlmamba.shapes import make_scene, render
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--device", "cpu", "--batch-size", "8", "--log-every", "2", "--eval-per-family", "2"]  # gloo, on any machine
@@ -54,6 +59,21 @@ def test_fsdp_trains_as_ddp_and_resumes_on_any_number_of_processes(tmp_path):
 
     # and the sharded checkpoint resumes in one plain process
     assert "step     6/6" in train("--resume", "--steps", 6, "--out", tmp_path / "fsdp", processes=1)
+
+
+def test_a_micro_batch_one_process_has_no_good_sample_of_is_dropped_by_all(tmp_path):
+    """One readable image and three missing ones, one sample a process and step: in the step that reads
+    the good one, the other process has nothing to train on. Both must drop that micro-batch, or one runs
+    a backward (DDP's all-reduce) that the other never joins."""
+    rng = random.Random(0)
+    (tmp_path / "images").mkdir()
+    render(make_scene(rng, held_out=False), rng).save(tmp_path / "images" / "good.png")
+    talk = [{"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": "Shapes."}]
+    records = [dict(id=str(i), image="good.png" if i == 0 else f"missing{i}.png", conversations=talk) for i in range(4)]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    log = train("--data", tmp_path / "data.json", "--image-folder", tmp_path / "images", "--workers", 0,
+                "--batch-size", 2, "--steps", 2, "--out", tmp_path / "run")
+    assert "3 bad samples skipped" in log  # counted over both processes
 
 
 def test_fsdp_without_torchrun_is_a_one_line_error(tmp_path):
