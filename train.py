@@ -247,8 +247,9 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         losses = []
         for batch, bad in micro_batches(step):
-            if distributed:  # a micro-batch that one process has no good sample of is dropped by all, or
-                # their collectives would stop pairing up; the bad samples are counted over all processes
+            # a micro-batch that one process has no good sample of is dropped by all, or their
+            # collectives would stop pairing up; the bad samples are counted over all processes
+            if distributed:
                 counts = torch.tensor([batch is None, bad], dtype=torch.float32, device=device)
                 dist.all_reduce(counts)
                 empty, bad = counts.tolist()

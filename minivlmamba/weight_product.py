@@ -11,6 +11,10 @@ gradient is rounded to bf16 and cast back, and autograd adds it into `.grad` wit
   (`_grad_to_add_into`).
 Both only in one process: under torch.distributed (DDP, FSDP) each product casts its weight when
 it runs and hands its gradient back to autograd, as before (why: `cast_weight`, `_grad_to_add_into`).
+
+Shapes: weight (m, k) fp32; x (k, n) for weight @ x, or (n, k) for x @ weight.t(), in bf16.
+Written against torch 2.11-2.13; it leans on a few private parts of torch: `_version`,
+`_backward_hooks`, `_post_accumulate_grad_hooks`, `torch._C._will_engine_execute_node`.
 """
 
 import torch
@@ -37,17 +41,21 @@ def cast_weight(weight, dtype):
     """weight in dtype; in one process the copy is kept on the weight and reused until the weight changes.
 
     The weights change only in the optimizer step, so each one is cast once a step instead of twice a
-    micro-batch (38 times a step of 19 micro-batches), for one bf16 copy of the weights kept in memory.
+    micro-batch (44 times a step of 22 micro-batches), for one bf16 copy of the weights kept in memory
+    as long as the weights (5.3 GB for Mamba-2.8B, after any forward on the GPU training path).
     The copy is made again after any optimizer step (counted by a hook: fused AdamW writes the
     weights without bumping their `_version`, measured), any other in-place write (`_version`:
     `load_state_dict`, an init under `no_grad`) or new storage (`.data =`, `module.to()`). Not
-    seen: writes through `weight.data`, which has a version counter of its own.
+    seen: writes through `weight.data`, which has a version counter of its own; two `.data =`
+    in a row that land on the same address; an optimizer step replayed from a CUDA graph (no hook).
+    Not where grad mode is on (a backward with `create_graph`): the copy is detached, so the cast is
+    made afresh there for the second-order gradients to reach the weight.
     Not under torch.distributed: FSDP gathers each block's weights anew for every forward and
     backward, and a kept copy of them all would undo the memory that sharding saves (its own
     equivalent is MixedPrecisionPolicy(param_dtype=bf16), which would also round A_log, D and the
     norms); DDP could keep it, but the 2.8B step does not fit DDP on an 80 GB card even without it.
     """
-    if weight.dtype == dtype or not _one_process():
+    if weight.dtype == dtype or not _one_process() or (torch.is_grad_enabled() and weight.requires_grad):
         return weight.to(dtype)
     key = (_optimizer_steps, weight._version, weight.data_ptr(), dtype)
     if getattr(weight, "_cast", (None,))[0] != key:
@@ -66,6 +74,8 @@ def _grad_to_add_into(weight):
     watch AccumulateGrad to start their reductions, hooks on the weight expect the gradient,
     `create_graph` (grad mode on) makes AccumulateGrad build a graph, and `torch.autograd.grad`
     or `backward(inputs=...)` without the weight do not run AccumulateGrad at all.
+    Not seen: hooks registered on the AccumulateGrad node itself (torch has no public way to list
+    them); they would receive None.
     """
     grad = weight.grad
     if (grad is None or not grad.is_contiguous() or torch.is_grad_enabled() or weight._backward_hooks

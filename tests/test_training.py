@@ -156,14 +156,34 @@ def test_weight_cast_is_kept_until_the_weight_changes():
     def new_storage():
         weight.data = torch.randn_like(weight)
 
-    cast = cast_weight(weight, torch.bfloat16)
-    assert cast_weight(weight, torch.bfloat16) is cast  # one cast for all the products until a change
+    def cast():  # as WeightProduct's forward and backward call it: grad mode off
+        with torch.no_grad():
+            return cast_weight(weight, torch.bfloat16)
+
+    kept = cast()
+    assert cast() is kept  # one cast for all the products until a change
     for change in (optimizer_step, in_place_write, new_storage):
         change()
-        new = cast_weight(weight, torch.bfloat16)
-        assert new is not cast, change.__name__
+        new = cast()
+        assert new is not kept, change.__name__
         torch.testing.assert_close(new, weight.detach().to(torch.bfloat16), rtol=0, atol=0, msg=change.__name__)
-        cast = new
+        kept = new
+
+
+def test_weight_product_has_the_second_order_gradients_of_the_plain_product():
+    """A backward with create_graph (e.g. a gradient penalty): the weight's second-order gradient flows
+    through the cast of the backward, which the kept copy (detached) would cut."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 40, generator=generator).to(DEVICE).requires_grad_()
+    x, grad = product_operands(True, generator)
+    x.requires_grad_()
+    with torch.no_grad():
+        cast_weight(weight, x.dtype)  # a copy kept, as an earlier forward leaves it
+    got, want = [], []
+    for product, out in ((WeightProduct.apply, got), (lambda w, x, _: w.to(x.dtype) @ x, want)):
+        (dx,) = torch.autograd.grad(product(weight, x, True), x, grad, create_graph=True)
+        out.append(torch.autograd.grad(dx.float().square().sum(), weight)[0])
+    torch.testing.assert_close(got[0], want[0])
 
 
 def test_weight_product_hands_the_gradient_back_where_autograd_needs_it():
@@ -188,7 +208,8 @@ def test_weight_product_hands_the_gradient_back_where_autograd_needs_it():
         out.backward(grad)
         assert handed_back == [True]
         torch.testing.assert_close(weight.grad, want, rtol=0, atol=0)
-        assert cast_weight(weight, torch.bfloat16) is not cast_weight(weight, torch.bfloat16)
+        with torch.no_grad():  # as inside WeightProduct
+            assert cast_weight(weight, torch.bfloat16) is not cast_weight(weight, torch.bfloat16)
     finally:
         dist.destroy_process_group()
 
