@@ -71,16 +71,16 @@ def test_fused_lm_equals_the_readable_lm(checkpointing):
 @pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("weight_first", [True, False])
 def test_weight_product_equals_the_autocast_product(weight_first, frozen):
-    torch.manual_seed(0)
-    weight = torch.randn(24, 40, device=DEVICE, requires_grad=not frozen)  # fp32 master weight
-    x = torch.randn((40, 56) if weight_first else (56, 40), device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-    grad = torch.randn(24, 56) if weight_first else torch.randn(56, 24)
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 40, generator=generator).to(DEVICE).requires_grad_(not frozen)  # fp32 master weight
+    x, grad = product_operands(weight_first, generator)
+    x.requires_grad_()
     results = []
     for product in (lambda: weight @ x if weight_first else x @ weight.t(),  # autocast casts the weight
                     lambda: WeightProduct.apply(weight, x, weight_first)):
         with torch.autocast(DEVICE, torch.bfloat16):
             out = product()
-        out.backward(grad.to(DEVICE, out.dtype))
+        out.backward(grad)
         results.append((out, x.grad, weight.grad))
         x.grad = weight.grad = None
     (want_out, want_dx, want_dw), (got_out, got_dx, got_dw) = results
