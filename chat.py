@@ -22,7 +22,7 @@ import torch
 from minivlmamba import UserError
 from minivlmamba.checkpoint import load_model
 from minivlmamba.data import image_in_folder, load_image
-from minivlmamba.shapes import make_scene, render
+from minivlmamba.shapes import CELLS, make_scene, render, with_article
 from minivlmamba.templates import prompt_text
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -81,10 +81,14 @@ class Conversation:
 
 
 def demo_image():
-    rng = random.Random(args.seed)
-    image = render(make_scene(rng, held_out=True), rng)
+    """A held-out shapes scene: the same one for the same --seed, so a question can be asked again."""
+    seed = random.randrange(10_000) if args.seed is None else args.seed
+    rng = random.Random(seed)
+    scene = make_scene(rng, held_out=True)
+    image = render(scene, rng)
     image.save(args.demo_file)
-    print(f"demo scene saved to {args.demo_file}", file=sys.stderr)
+    shown = ", ".join(f"{with_article(s.name)} at the {CELLS[s.cell]}" for s in scene)
+    print(f"demo scene {seed} ({shown}) saved to {args.demo_file}; --seed {seed} draws it again", file=sys.stderr)
     return image
 
 
@@ -100,12 +104,17 @@ def interactive(model, tokenizer, image):
         if line in ("quit", "exit", "/quit"):
             return
         if line.startswith("/image"):
+            path = line[len("/image"):].strip()
             try:
-                chat = Conversation(model, tokenizer, load_image(line[len("/image"):].strip()))
+                image = load_image(path)
             except UserError as e:
                 print(f"error: {e}")
+                continue
+            chat = Conversation(model, tokenizer, image)
+            print(f"(now talking about {path}: a new conversation)")
         elif line == "/clear":
             chat = Conversation(model, tokenizer, image)
+            print("(conversation cleared: same image)")
         elif line:
             try:
                 for piece in chat.ask(line):

@@ -15,6 +15,7 @@ With a paper preset and LLaVA data it runs the paper's two-stage recipe on pretr
 """
 
 import argparse
+import collections
 import ctypes
 import dataclasses
 import math
@@ -36,7 +37,7 @@ from minivlmamba.checkpoint import COMPONENTS, TIED, build_model, load_model, sa
 from minivlmamba.connector import CONNECTORS, SCANS
 from minivlmamba.data import LlavaDataset, collate, collate_good, encode_sample, sample_order
 from minivlmamba.pretrained import load_tokenizer
-from minivlmamba.shapes import FAMILIES, held_out_set, train_tokenizer, training_sample
+from minivlmamba.shapes import FAMILIES, held_out_set, pretrain_tower, train_tokenizer, training_sample
 from minivlmamba.vlm import peak_bf16_flops
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
@@ -53,12 +54,15 @@ parser.add_argument("--lm", help="pretrained Mamba folder or repo id (default: t
 parser.add_argument("--tokenizer", default="EleutherAI/gpt-neox-20b",
                     help="tokenizer.json folder or repo id (paper presets)")
 parser.add_argument("--steps", type=int, help="optimizer steps (default: 3000 for shapes, 1 epoch of --data)")
-parser.add_argument("--batch-size", type=int, help="global batch (default: 32 shapes, 256 stage 1, 128 stage 2)")
+parser.add_argument("--batch-size", type=int, help="global batch (default: 16 shapes, 256 stage 1, 128 stage 2)")
 parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process")
 parser.add_argument("--lr", type=float, help="peak learning rate (default: 5e-4 shapes, 1e-3 stage 1, 2e-5 stage 2)")
-parser.add_argument("--lr-vision", type=float, help="vision tower lr (0 = frozen; frozen unless shapes)")
+parser.add_argument("--lr-vision", type=float, help="vision tower lr (0 = frozen; frozen unless --tower-steps 0)")
 parser.add_argument("--lr-connector", type=float, help="connector lr (0 = frozen; default --lr)")
 parser.add_argument("--lr-lm", type=float, help="language model lr (0 = frozen; default --lr, frozen in stage 1)")
+parser.add_argument("--tower-steps", type=int, default=300,
+                    help="shapes: steps pretraining the tower to name each cell's colour and shape, then frozen "
+                         "(0: no pretraining, the tower trains with the rest)")
 parser.add_argument("--warmup", type=float, default=0.03, help="fraction of steps of linear warmup")
 parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--grad-clip", type=float, default=1.0)
@@ -145,19 +149,32 @@ def main():
     stage = 0 if shapes else args.stage
     template = "plain" if stage == 1 else cfg.template  # stage 1 learns captions, not conversations
     default_lr = {0: 5e-4, 1: 1e-3, 2: 2e-5}[stage]
-    lr = args.lr or default_lr  # the tower trains only from scratch (shapes), the LM not in stage 1
-    defaults = dict(vision=lr * (stage == 0), connector=lr, lm=lr * (stage != 1))
+    lr = args.lr or default_lr  # the tower is frozen unless shapes trains it from scratch, the LM in stage 1
+    defaults = dict(vision=lr * (stage == 0 and args.tower_steps == 0), connector=lr, lm=lr * (stage != 1))
     given = {part: getattr(args, f"lr_{part}") for part in COMPONENTS}
     lrs = {part: defaults[part] if given[part] is None else given[part] for part in COMPONENTS}  # 0 = frozen
     trained = tuple(part for part in COMPONENTS if lrs[part] > 0)
-    batch_size = args.batch_size or {0: 32, 1: 256, 2: 128}[stage]
+    # a checkpoint holds what was trained and whatever no pretrained weights could rebuild
+    saved = tuple(part for part in COMPONENTS if part in trained or not getattr(cfg, f"{part}_path", ""))
+    batch_size = args.batch_size or {0: 16, 1: 256, 2: 128}[stage]
     if batch_size % (world * args.grad_accum):
         raise UserError(f"--batch-size {batch_size} is not divisible by {world} processes x "
                         f"{args.grad_accum} accumulation steps")
     micro = batch_size // (world * args.grad_accum)
 
+    n_params = sum(p.numel() for p in model.parameters())
+    name = "from checkpoint" if args.resume or args.init else args.preset
+    parallel = " FSDP" if args.fsdp else " DDP" if distributed else ""
+    log(f"model: {name}, {n_params / 1e6:.2f}M parameters, connector {cfg.connector}, scan {cfg.scan}, "
+        f"training {'+'.join(trained)}, device {device} x{world}{parallel}, {dtype}")
     model.lm.gradient_checkpointing = args.grad_checkpointing
     model.to(device).train()
+    if shapes and not (args.resume or args.init) and args.tower_steps > 0:
+        # The paper starts from a pretrained tower; the tiny default first pretrains its own.
+        t = time.time()
+        accuracy = pretrain_tower(model.vision, args.tower_steps, seed=args.seed, device=device)
+        log(f"tower: {args.tower_steps} steps learning each cell's colour and shape, {100 * accuracy:.1f}% of "
+            f"held-out cells right ({time.time() - t:.0f} s); now frozen")
     for part in COMPONENTS:
         getattr(model, part).requires_grad_(part in trained)  # before DDP and FSDP, which read it
     raw_model = model
@@ -168,11 +185,6 @@ def main():
     elif distributed:
         # gradients stored in DDP's all-reduce buckets: no second copy of them (11 GB for the 2.8B LM)
         model = DDP(model, device_ids=[torch.device(device).index] if cuda else None, gradient_as_bucket_view=True)
-    n_params = sum(p.numel() for p in raw_model.parameters())  # a shard's numel() is the whole tensor's
-    name = "from checkpoint" if args.resume or args.init else args.preset
-    parallel = " FSDP" if args.fsdp else " DDP" if distributed else ""
-    log(f"model: {name}, {n_params / 1e6:.2f}M parameters, connector {cfg.connector}, scan {cfg.scan}, "
-        f"training {'+'.join(trained)}, device {device} x{world}{parallel}, {dtype}")
 
     # ---------------------------------------------------------------- optimizer
     # No weight decay on norms, biases and the SSM's A_log and D, as upstream Mamba.
@@ -231,16 +243,17 @@ def main():
         # The whole weights and AdamW state (gathered from the shards under FSDP: every process
         # takes part), written by the master alone, so a run resumes on any number of processes.
         weights = {k: gathered(v, master) for k, v in raw_model.state_dict().items()
-                   if k.split(".")[0] in trained and k != TIED}  # the tied head is the embedding
+                   if k.split(".")[0] in saved and k != TIED}  # the tied head is the embedding
         opt_state = optimizer.state_dict()
         opt_state["state"] = {i: {k: gathered(v, master) for k, v in s.items()} for i, s in opt_state["state"].items()}
         if master:
-            save_model(out, raw_model, tokenizer, trained, weights)
+            save_model(out, raw_model, tokenizer, saved, weights)
             save_train_state(out, dict(model=weights, optimizer=opt_state, step=step))
 
     # MFU: model FLOPs (VLMamba.training_flops) over the card's peak bf16 rate.
     peak = peak_bf16_flops(torch.cuda.get_device_name()) if cuda else None
-    t0, tokens, flops, skipped, start_step = time.time(), 0, 0, 0, step
+    t0, tokens, flops, skipped = time.time(), 0, 0, 0
+    recent = collections.deque([(t0, step)], maxlen=6)  # (time, step) at the last few log lines: the ETA
     while step < steps:
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * lr_factor(step)
@@ -270,8 +283,10 @@ def main():
         optimizer.step()
         step += 1
         if step % args.log_every == 0 or step == steps:
-            elapsed = time.time() - t0
-            eta = elapsed / (step - start_step) * (steps - step)
+            now = time.time()
+            elapsed, (then, step_then) = now - t0, recent[0]
+            recent.append((now, step))
+            eta = (now - then) / (step - step_then) * (steps - step)  # at the speed of the last few hundred steps
             loss = sum(losses) / max(1, len(losses))
             gpu = f" | MFU {flops / elapsed / (peak * world):.1%}" if peak else ""
             gpu += f" | {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""

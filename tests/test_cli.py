@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--steps", "8", "--batch-size", "8", "--log-every", "4", "--eval-per-family", "2"]
+QUICK = ["--steps", "8", "--batch-size", "8", "--log-every", "4", "--eval-per-family", "2", "--tower-steps", "10"]
 
 
 def run(script, *args, check=True, input=None):
@@ -40,6 +41,7 @@ def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     result = run("train.py", *QUICK, "--out", out)
     assert "held-out accuracy:" in result.stdout.strip().splitlines()[-1]
+    assert "tower: 10 steps" in result.stdout and "training connector+lm" in result.stdout  # pretrained, then frozen
     for family in ("colour", "shape", "count", "position", "relation", "exist", "caption"):
         assert family in result.stdout
     return out
@@ -49,6 +51,9 @@ def test_train_writes_a_complete_checkpoint(checkpoint):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "train_state.pt"):
         assert (checkpoint / name).is_file()
     assert not list(checkpoint.glob("*.tmp"))
+    with safe_open(checkpoint / "model.safetensors", "pt") as f:  # the pretrained, frozen tower is saved too
+        assert f.metadata()["components"] == "vision,connector,lm"
+        assert "vision.embeddings.patch_embedding.weight" in f.keys()
 
 
 def test_resume_after_kill_is_exact(tmp_path):
@@ -76,12 +81,22 @@ def test_chat_demo_one_shot(checkpoint, tmp_path):
     assert demo.is_file() and result.stdout.strip()
 
 
+def test_chat_demo_draws_the_same_scene_again_with_its_seed(checkpoint, tmp_path):
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    said = run("chat.py", "--ckpt", checkpoint, "--demo", "--demo-file", first, "-p", "Describe the image.").stderr
+    seed = said.split("--seed ")[1].split()[0]
+    said_again = run("chat.py", "--ckpt", checkpoint, "--demo", "--demo-file", again, "--seed", seed, "-p", "Hi").stderr
+    assert said.replace(str(first), "") == said_again.replace(str(again), "")  # "demo scene 1234 (a red circle at ...)"
+    assert " at the " in said and first.read_bytes() == again.read_bytes()
+
+
 def test_chat_interactive_commands(checkpoint, tmp_path):
     image = tmp_path / "scene.png"
     Image.new("RGB", (96, 96), "white").save(image)
     session = f"What colour is the circle?\n/clear\n/image {image}\nWhere is the red square?\nquit\n"
     result = run("chat.py", "--ckpt", checkpoint, "--demo", "--demo-file", tmp_path / "d.png", input=session)
     assert result.stdout.count("> ") >= 4
+    assert "(conversation cleared: same image)" in result.stdout and f"(now talking about {image}" in result.stdout
 
 
 def test_chat_batch_answers_and_resumes(checkpoint, tmp_path):

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from minivlmamba.shapes import make_scene, render
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--device", "cpu", "--batch-size", "8", "--log-every", "2", "--eval-per-family", "2"]  # gloo, on any machine
+QUICK = ["--device", "cpu", "--batch-size", "8", "--log-every", "2", "--eval-per-family", "2",  # gloo, on any machine
+         "--tower-steps", "10"]
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
 
