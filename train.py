@@ -53,7 +53,7 @@ parser.add_argument("--vision", help="pretrained vision tower folder or repo id 
 parser.add_argument("--lm", help="pretrained Mamba folder or repo id (default: the preset's)")
 parser.add_argument("--tokenizer", default="EleutherAI/gpt-neox-20b",
                     help="tokenizer.json folder or repo id (paper presets)")
-parser.add_argument("--steps", type=int, help="optimizer steps (default: 3000 for shapes, 1 epoch of --data)")
+parser.add_argument("--steps", type=int, help="optimizer steps (default: 4000 for shapes, 1 epoch of --data)")
 parser.add_argument("--batch-size", type=int, help="global batch (default: 16 shapes, 256 stage 1, 128 stage 2)")
 parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process")
 parser.add_argument("--lr", type=float, help="peak learning rate (default: 5e-4 shapes, 1e-3 stage 1, 2e-5 stage 2)")
@@ -61,7 +61,7 @@ parser.add_argument("--lr-vision", type=float, help="vision tower lr (0 = frozen
 parser.add_argument("--lr-connector", type=float, help="connector lr (0 = frozen; default --lr)")
 parser.add_argument("--lr-lm", type=float, help="language model lr (0 = frozen; default --lr, frozen in stage 1)")
 parser.add_argument("--tower-steps", type=int, default=300,
-                    help="shapes: steps pretraining the tower to name each cell's colour and shape, then frozen "
+                    help="shapes: steps pretraining the tower to name each patch's object and cell, then frozen "
                          "(0: no pretraining, the tower trains with the rest)")
 parser.add_argument("--warmup", type=float, default=0.03, help="fraction of steps of linear warmup")
 parser.add_argument("--weight-decay", type=float, default=0.0)
@@ -149,7 +149,7 @@ def main():
     stage = 0 if shapes else args.stage
     template = "plain" if stage == 1 else cfg.template  # stage 1 learns captions, not conversations
     default_lr = {0: 5e-4, 1: 1e-3, 2: 2e-5}[stage]
-    lr = args.lr or default_lr  # the tower is frozen unless shapes trains it from scratch, the LM in stage 1
+    lr = args.lr or default_lr  # the tower is frozen (unless shapes trains it from scratch), the LM in stage 1
     defaults = dict(vision=lr * (stage == 0 and args.tower_steps == 0), connector=lr, lm=lr * (stage != 1))
     given = {part: getattr(args, f"lr_{part}") for part in COMPONENTS}
     lrs = {part: defaults[part] if given[part] is None else given[part] for part in COMPONENTS}  # 0 = frozen
@@ -173,8 +173,8 @@ def main():
         # The paper starts from a pretrained tower; the tiny default first pretrains its own.
         t = time.time()
         accuracy = pretrain_tower(model.vision, args.tower_steps, seed=args.seed, device=device)
-        log(f"tower: {args.tower_steps} steps learning each cell's colour and shape, {100 * accuracy:.1f}% of "
-            f"held-out cells right ({time.time() - t:.0f} s); now frozen")
+        log(f"tower: {args.tower_steps} steps learning what each patch shows and where, {100 * accuracy:.1f}% of "
+            f"held-out patches right ({time.time() - t:.0f} s); now frozen")
     for part in COMPONENTS:
         getattr(model, part).requires_grad_(part in trained)  # before DDP and FSDP, which read it
     raw_model = model
@@ -207,7 +207,7 @@ def main():
     # sees exactly the batches the interrupted one would have seen, whatever the number of processes.
     max_text = cfg.max_len - cfg.vision.num_patches
     if shapes:
-        steps = args.steps or 3000
+        steps = args.steps or 4000
 
         def micro_batches(step):
             for i in range(args.grad_accum):

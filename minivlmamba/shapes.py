@@ -6,8 +6,8 @@ caption. Held-out scenes are never seen in training: every scene layout is assig
 training or the held-out split by a hash of its content, and the two splits also use different
 seeds.
 
-The tiny default's vision tower is pretrained here too (`pretrain_tower`): it learns the colour and
-shape in each cell before the VLM is trained, as CLIP and SigLIP arrive pretrained for the paper's models.
+The tiny default's vision tower is pretrained here too (`pretrain_tower`): it learns what each patch
+shows and where before the VLM is trained, as CLIP and SigLIP arrive pretrained for the paper's models.
 """
 
 import random
@@ -221,6 +221,7 @@ def pretrain_tower(tower, steps: int, batch_size: int = 64, lr: float = 1e-3, se
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # no gradient left on the tower (train.py clips over all gradients)
     with torch.no_grad():
         pixel_values, targets = batch(random.Random(f"tower-held-out-{seed}"), held_out=True)
         right = torch.stack([x.argmax(-1) == y for x, y in zip(logits(pixel_values), targets)]).all(0)  # (b, p)

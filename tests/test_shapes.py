@@ -41,6 +41,7 @@ def test_pretraining_teaches_the_tower_what_and_where_on_held_out_scenes():
     assert pretrain_tower(tower, steps=0, batch_size=32) < 0.2  # chance: 25 objects x 9 cells
     assert pretrain_tower(tower, steps=200, batch_size=32) > 0.9
     assert any(not torch.equal(before[k], v) for k, v in tower.state_dict().items())
+    assert all(p.grad is None for p in tower.parameters())  # else they would count in train.py's clipping
 
 
 def test_held_out_set_has_every_family_in_equal_numbers():
