@@ -53,7 +53,7 @@ parser.add_argument("--vision", help="pretrained vision tower folder or repo id 
 parser.add_argument("--lm", help="pretrained Mamba folder or repo id (default: the preset's)")
 parser.add_argument("--tokenizer", default="EleutherAI/gpt-neox-20b",
                     help="tokenizer.json folder or repo id (paper presets)")
-parser.add_argument("--steps", type=int, help="optimizer steps (default: 4000 for shapes, 1 epoch of --data)")
+parser.add_argument("--steps", type=int, help="optimizer steps (default: 3000 for shapes, 1 epoch of --data)")
 parser.add_argument("--batch-size", type=int, help="global batch (default: 16 shapes, 256 stage 1, 128 stage 2)")
 parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process")
 parser.add_argument("--lr", type=float, help="peak learning rate (default: 5e-4 shapes, 1e-3 stage 1, 2e-5 stage 2)")
@@ -207,7 +207,7 @@ def main():
     # sees exactly the batches the interrupted one would have seen, whatever the number of processes.
     max_text = cfg.max_len - cfg.vision.num_patches
     if shapes:
-        steps = args.steps or 4000
+        steps = args.steps or 3000
 
         def micro_batches(step):
             for i in range(args.grad_accum):

@@ -2,7 +2,8 @@
 
 Shape legend (used in every shape comment of this package):
     b batch, l sequence length, d model width, di inner width (expand * d), n SSM state size,
-    r dt rank, k scan directions, g groups of B/C, p image patches, v vocabulary.
+    r dt rank, k scan directions, g groups of B/C, dig channels a group (di // g), p image patches,
+    v vocabulary; m time steps a chunk of the CPU scan.
 
 Paper symbols (Gu & Dao 2023, "Mamba", Algorithm 2), as they appear in the code:
     u      (b, di, l)  input sequence x_t
@@ -26,6 +27,7 @@ run fast on a CPU; the fused GPU kernels live in `triton_scan.py`.
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def _per_channel(BC: torch.Tensor, di: int) -> torch.Tensor:
@@ -83,56 +85,133 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (out, h) if return_last_state else out
 
 
-class _LinearRecurrence(torch.autograd.Function):
-    """h_t = a_t * h_{t-1} + x_t along the first axis, h_{-1} = 0, with a hand-written backward.
+_LOG2_E = 1.4426950408889634
+_CHUNK_ELEMENTS = 2**19  # state elements in a chunk of steps (2 MiB fp32): a chunk's tensors stay in cache
 
-    The backward of a linear recurrence is the same recurrence run backwards in time:
-        g_t = dL/dh_t (from the outputs) + a_{t+1} * g_{t+1},   dL/dx_t = g_t,   dL/da_t = g_t * h_{t-1}
-    so it costs one multiply-add a step, where autograd through a loop stores and replays every step.
+
+class _SelectiveScan(torch.autograd.Function):
+    """y_t = C_t . h_t with h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, h_{-1} = 0: time first, fp32.
+
+    Args: u, delta (l, b, di) contiguous (delta after bias and softplus); A (di, n); B, C (l, b, g, n)
+    contiguous. Returns: y (l, b, di), last state (b, di, n).
+
+    Every step's state is one contiguous (b, g, n, dig) block with the channels innermost: delta_t,
+    u_t and A line up with it along the channels and B_t, C_t broadcast along them, so each
+    elementwise op is one vectorised pass. Time is cut into chunks of m steps (the last may be
+    shorter) whose (m, b, g, n, dig) tensors fit in cache (_CHUNK_ELEMENTS): the loop over time runs
+    only the recurrence, one op a step, and everything else is one op a chunk; no (l, b, g, n, dig)
+    tensor is ever made. The sums over n (y, dL/d(delta_t u_t)) are batches of small matrix
+    products; the sums over channels (dB, dC) a product and a sum along the contiguous axis, 5x
+    faster than bmm's matrix-vector products.
+
+    The forward keeps only the state each chunk starts from; the backward recomputes the chunk's
+    decays and states from it (in cache: cheaper than writing them all to memory and reading them
+    back), then runs the recurrence backwards in time:
+        g_t = dL/dh_t = dy_t C_t + a_{t+1} g_{t+1}        (g_{l-1} also gets the last state's gradient)
+        dL/d(delta_t A) = g_t a_t h_{t-1},   dL/d(delta_t u_t B_t) = g_t.
+    exp(x) is computed as exp2(x log2(e)), as in the Triton kernels: torch.exp is 2-3x slower on a
+    CPU, and 30x slower again where it underflows (x below about -87). The error this adds is of
+    the order of the rounding of delta * A itself (a relative 1e-6 at x = -10).
     """
 
     @staticmethod
-    def forward(ctx, a, x):  # a, x (l, ...) contiguous
-        h = torch.empty_like(x)
-        h[0] = x[0]
-        for t in range(1, len(x)):
-            torch.addcmul(x[t], a[t], h[t - 1], out=h[t])
-        ctx.save_for_backward(a, h)
-        return h
+    def forward(ctx, u, delta, A, B, C):
+        l, b, g, n = B.shape
+        di = u.shape[-1]
+        dig, m = di // g, _chunk_steps(b, di, n)
+        dl = delta.view(l, b, g, 1, dig)
+        du = (delta * u).view(l, b, g, 1, dig)  # (l, b, g, 1, dig): delta_t u_t
+        A = A.reshape(g, dig, n).transpose(1, 2).contiguous()  # (g, n, dig)
+        A2 = A * _LOG2_E  # (g, n, dig)
+        starts = range(0, l, m)
+        saved = u.new_empty(len(starts) + 1, b, g, n, dig)  # the state each chunk starts from, and the last
+        saved[0].zero_()
+        decay, H = u.new_empty(m, b, g, n, dig), u.new_empty(m, b, g, n, dig)  # a chunk's a_t, h_t
+        y = u.new_empty(l, b, g, 1, dig)  # (l, b, g, 1, dig)
+        for c, t0 in enumerate(starts):
+            t1 = min(t0 + m, l)
+            a = _decays(dl[t0:t1], A2, decay[:t1 - t0])  # (m, b, g, n, dig)
+            h = _states(a, du[t0:t1], B[t0:t1], saved[c], H[:t1 - t0])  # (m, b, g, n, dig)
+            torch.bmm(C[t0:t1].view(-1, 1, n), h.view(-1, n, dig), out=y[t0:t1].view(-1, 1, dig))  # y_t = C_t . h_t
+            saved[c + 1].copy_(h[-1])
+        ctx.save_for_backward(u, dl, du, A, B, C, saved)
+        return y.view(l, b, di), saved[-1].transpose(-1, -2).reshape(b, di, n)
 
     @staticmethod
-    def backward(ctx, grad_h):
-        a, h = ctx.saved_tensors
-        g = torch.empty_like(h)
-        g[-1] = grad_h[-1]
-        for t in range(len(h) - 2, -1, -1):
-            torch.addcmul(grad_h[t], a[t + 1], g[t + 1], out=g[t])
-        grad_a = torch.zeros_like(a)
-        grad_a[1:] = g[1:] * h[:-1]
-        return grad_a, g
+    @once_differentiable
+    def backward(ctx, grad_y, grad_last):
+        u, dl, du, A, B, C, saved = ctx.saved_tensors
+        l, b, g, n = B.shape
+        dig = A.shape[-1]
+        di, m = g * dig, _chunk_steps(b, g * dig, n)
+        A2 = A * _LOG2_E  # (g, n, dig)
+        dy = grad_y.contiguous().view(l, b, g, 1, dig)  # (l, b, g, 1, dig)
+        carry = grad_last.reshape(b, g, dig, n).transpose(-1, -2).contiguous()  # (b, g, n, dig): a_{t+1} g_{t+1}
+        decay, G = u.new_empty(m, b, g, n, dig), u.new_empty(m, b, g, n, dig)  # a chunk's a_t, g_t
+        H = u.new_empty(m + 1, b, g, n, dig)  # (m + 1, b, g, n, dig): h_{t0 - 1} .. h_{t1 - 1}
+        d_du, d_delta = u.new_empty(l, b, g, 1, dig), u.new_empty(l, b, g, dig)  # d_delta: through the decays
+        dB, dC, dA = u.new_empty(l, b, g, n), u.new_empty(l, b, g, n), u.new_zeros(g, n, dig)
+        for c, t0 in reversed(list(enumerate(range(0, l, m)))):
+            t1 = min(t0 + m, l)
+            steps = t1 - t0  # m, fewer in the last chunk
+            a = _decays(dl[t0:t1], A2, decay[:steps])  # (m, b, g, n, dig)
+            H[0].copy_(saved[c])
+            h = _states(a, du[t0:t1], B[t0:t1], H[0], H[1:steps + 1])  # (m, b, g, n, dig)
+            g_ = torch.mul(dy[t0:t1], C[t0:t1, ..., None], out=G[:steps])  # (m, b, g, n, dig): dy_t C_t
+            g_[-1] += carry
+            for i in reversed(range(steps - 1)):
+                g_[i].addcmul_(a[i + 1], g_[i + 1])  # g_t = dy_t C_t + a_{t+1} g_{t+1}
+            torch.mul(a[0], g_[0], out=carry)
+            q = a.mul_(g_).mul_(H[:steps])  # (m, b, g, n, dig): dL/d(delta_t A) = g_t a_t h_{t-1}
+            torch.bmm(B[t0:t1].view(-1, 1, n), g_.view(-1, n, dig), out=d_du[t0:t1].view(-1, 1, dig))  # sum_n g_t B_t
+            # The rest works in place: each chunk buffer is used up by the sum that reads it.
+            torch.sum(g_.mul_(du[t0:t1]), dim=-1, out=dB[t0:t1])  # (m, b, g, n): sum_d g_t delta_t u_t
+            torch.sum(h.mul_(dy[t0:t1]), dim=-1, out=dC[t0:t1])  # (m, b, g, n): sum_d dy_t h_t
+            torch.sum(torch.mul(q, A, out=G[:steps]), dim=3, out=d_delta[t0:t1])  # (m, b, g, dig): sum_n q A
+            dA += q.mul_(dl[t0:t1]).sum((0, 1))  # (g, n, dig): summed over steps and batch, q delta_t
+        d_du, d_delta = d_du.view(l, b, di), d_delta.view(l, b, di)  # (l, b, di) each
+        return d_du * dl.view(l, b, di), d_delta.addcmul_(d_du, u), dA.transpose(1, 2).reshape(di, n), dB, dC
+
+
+def _chunk_steps(b, di, n):
+    """m, the time steps a chunk: as many as fill _CHUNK_ELEMENTS state elements, at least one."""
+    return max(1, _CHUNK_ELEMENTS // (b * di * n))
+
+
+def _decays(delta, A2, out):
+    """a_t = exp(delta_t A) = exp2(delta_t A2) for a chunk: delta (m, b, g, 1, dig), A2 = A log2(e)
+    (g, n, dig) -> out (m, b, g, n, dig)."""
+    return torch.mul(delta, A2, out=out).exp2_()
+
+
+def _states(a, du, B, h, out):
+    """h_t = a_t h_{t-1} + delta_t u_t B_t for a chunk, from the state h before it: a (m, b, g, n, dig),
+    du (m, b, g, 1, dig), B (m, b, g, n), h (b, g, n, dig) -> out (m, b, g, n, dig)."""
+    torch.mul(du, B[..., None], out=out)  # (m, b, g, n, dig): x_t = delta_t u_t B_t
+    for i in range(len(a)):
+        h = out[i].addcmul_(a[i], h)  # (b, g, n, dig)
+    return out
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          return_last_state=False):
-    """The same scan, exact, about twice as fast on a CPU as the reference (same arguments).
+    """The same scan, exact, several times faster on a CPU than the reference (same arguments).
 
-    Time is moved to the first axis so every step of the loop reads contiguous memory, and the
-    recurrence gets the hand-written backward above; the rest is left to autograd.
+    The recurrence and its hand-written backward are `_SelectiveScan`, on time-first copies of the
+    inputs. The bias, softplus, skip and gate around it work on (b, di, l) tensors, n times smaller,
+    and are left to autograd; the skip and gate take (b, di, l) views of the time-first tensors, so
+    that all their operands share one memory layout (an elementwise op over operands laid out
+    differently is up to 10x slower).
     """
     dtype_in = u.dtype
-    u = u.float()
-    delta = _softplus_delta(delta, delta_bias, delta_softplus)  # (b, di, l)
-    di = u.shape[1]
-    time_first = lambda x: x.movedim(-1, 0).contiguous()  # (b, ..., l) -> (l, b, ...)
-    B = time_first(_per_channel(B.float(), di))  # (l, b, di or 1, n)
-    C = time_first(_per_channel(C.float(), di))
-    delta_t = time_first(delta)  # (l, b, di)
-    decay = torch.exp(delta_t[..., None] * A.float())  # (l, b, di, n)
-    drive = (delta_t * time_first(u))[..., None] * B  # (l, b, di, n)
-    h = _LinearRecurrence.apply(decay, drive)  # (l, b, di, n): every state
-    y = (h * C).sum(-1).permute(1, 2, 0)  # (b, di, l)
-    out = _skip_and_gate(y, u, D, z).to(dtype_in)
-    return (out, h[-1]) if return_last_state else out
+    time_first = lambda X: X.float().movedim(-1, 0).contiguous()  # (b, ..., l) -> (l, b, ...)
+    grouped = lambda X: X if X.dim() == 4 else X.unsqueeze(1)  # (b, n, l) -> (b, 1, n, l)
+    view = lambda X: X.permute(1, 2, 0)  # (l, b, di) -> (b, di, l), a view
+    u = time_first(u)  # (l, b, di)
+    delta = time_first(_softplus_delta(delta, delta_bias, delta_softplus))  # (l, b, di)
+    y, last = _SelectiveScan.apply(u, delta, A.float(), time_first(grouped(B)), time_first(grouped(C)))
+    out = _skip_and_gate(view(y), view(u), D, None if z is None else view(time_first(z))).to(dtype_in)  # (b, di, l)
+    return (out, last) if return_last_state else out
 
 
 def selective_state_update_ref(ssm_state, x, delta, A, B, C, D=None, z=None, delta_bias=None,

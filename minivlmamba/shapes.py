@@ -141,8 +141,7 @@ def training_sample(rng: random.Random, max_turns: int = 4):
 
     A later question about the same image costs only its own tokens (the image's are already paid
     for) and, asked after the earlier answers, trains the model to keep the whole image in its
-    state. Up to four questions a scene learn faster, for the time they cost, than one or two
-    (notes/tiny-default.md).
+    state: up to four questions a scene learn more a step than one or two (notes/tiny-default.md).
     """
     scene = make_scene(rng, held_out=False)
     turns = [ask(scene, rng.choice(families_for(scene)), rng) for _ in range(rng.randint(1, max_turns))]

@@ -1,9 +1,11 @@
 """The reference selective scan against an independent formula, its decode step against the scan, and
 the fast CPU path against the reference."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from minivlmamba import scan
 from minivlmamba.scan import selective_scan, selective_scan_ref, selective_scan_torch, selective_state_update_ref
 
 
@@ -78,21 +80,73 @@ def test_bf16_inputs_give_bf16_output_close_to_fp32():
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=5e-2)
 
 
-def test_torch_path_matches_reference_values_state_and_gradients():
-    for g in (None, 2):
-        x = {k: v.double().requires_grad_() for k, v in random_inputs(l=9, g=g).items()}
-        w = torch.randn(2, 6, 9, dtype=torch.float64)  # a loss that weighs every output differently
-        grads = []
-        for scan in (selective_scan_ref, selective_scan_torch):
-            out, last = scan(**x, delta_softplus=True, return_last_state=True)
-            grads.append(torch.autograd.grad((out * w).sum() + last.pow(2).sum(), list(x.values())))
-            if scan is selective_scan_ref:
-                ref_out, ref_last = out, last
-        close = dict(rtol=1e-5, atol=1e-5)  # both compute in fp32, summing in different orders
-        torch.testing.assert_close(out, ref_out, **close)
-        torch.testing.assert_close(last, ref_last, **close)
-        for name, ours, ref in zip(x, *grads):
-            torch.testing.assert_close(ours, ref, **close, msg=lambda m: f"d{name}: {m}")
+def scan_both(x, dtype=torch.float64, views=False, **kw):
+    """Output, last state (if asked) and the gradients of every input, from the reference and from the
+    torch path. dtype: of the inputs (None keeps x's). views: u, delta, z, B and C reach the scans as the
+    LM passes them (mamba.py's MambaMixer.forward), transposed views of tensors with time second."""
+    leaves = {k: (v if dtype is None else v.to(dtype)) for k, v in x.items() if v is not None}
+    time_second = lambda v: v.movedim(-1, 1).contiguous() if views and v.dim() >= 3 else v  # (b, l, ...)
+    leaves = {k: time_second(v).requires_grad_() for k, v in leaves.items()}
+    args = {k: (v.movedim(1, -1) if views and v.dim() >= 3 else v) for k, v in leaves.items()}  # (b, ..., l)
+    results = []
+    for fn in (selective_scan_ref, selective_scan_torch):
+        res = fn(**args, **kw)
+        out, last = res if kw.get("return_last_state") else (res, None)
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)  # weighs each output
+        loss = (out * w).sum() + (last.pow(2).sum() if last is not None else 0)
+        results.append((out, last, torch.autograd.grad(loss, list(leaves.values())), list(leaves)))
+    return results
+
+
+def assert_same(ref, ours, rtol=1e-5, atol=1e-5):  # default: both compute in fp32, summing in different orders
+    (ref_out, ref_last, ref_grads, names), (out, last, grads, _) = ref, ours
+    assert out.dtype == ref_out.dtype and out.shape == ref_out.shape
+    torch.testing.assert_close(out, ref_out, rtol=rtol, atol=atol)
+    if ref_last is not None:
+        torch.testing.assert_close(last, ref_last, rtol=rtol, atol=atol)
+    for name, g, ref_g in zip(names, grads, ref_grads):
+        torch.testing.assert_close(g, ref_g, rtol=rtol, atol=atol, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("g", [None, 1, 2, 4])
+@pytest.mark.parametrize("last", [True, False])
+def test_torch_path_matches_reference_values_state_and_gradients(g, last):
+    x = random_inputs(di=8, l=9, g=g)
+    assert_same(*scan_both(x, delta_softplus=True, return_last_state=last))
+
+
+@pytest.mark.parametrize("drop", [("D",), ("z",), ("delta_bias",), ("D", "z", "delta_bias")])
+def test_torch_path_without_optional_inputs(drop):
+    x = {k: (None if k in drop else v) for k, v in random_inputs(di=8, l=9, g=2).items()}
+    assert_same(*scan_both(x, delta_softplus="delta_bias" not in drop, return_last_state=True))
+
+
+@pytest.mark.parametrize("l", [1, 2, 5])
+def test_torch_path_short_sequences(l):
+    assert_same(*scan_both(random_inputs(l=l), delta_softplus=True, return_last_state=True))
+
+
+@pytest.mark.parametrize("g", [None, 2])
+def test_torch_path_takes_transposed_views(g):
+    x = random_inputs(b=3, di=8, l=9, g=g)
+    assert_same(*scan_both(x, views=True, delta_softplus=True, return_last_state=True))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])  # l = 9: the last chunk has 1 step
+def test_torch_path_chunks_with_a_remainder(steps, monkeypatch):
+    b, di, n = 3, 8, 4
+    monkeypatch.setattr(scan, "_CHUNK_ELEMENTS", steps * b * di * n)
+    assert scan._chunk_steps(b, di, n) == steps
+    x = random_inputs(b=b, di=di, l=9, n=n, g=2)
+    assert_same(*scan_both(x, delta_softplus=True, return_last_state=True))
+
+
+def test_torch_path_bf16_inputs_match_reference():
+    x = random_inputs(di=8, l=9)
+    x = {k: (v.bfloat16() if k in ("u", "delta", "B", "C", "z") else v) for k, v in x.items()}
+    ref, ours = scan_both(x, dtype=None, return_last_state=True, delta_softplus=True)
+    assert ours[0].dtype == torch.bfloat16 and ours[1].dtype == torch.float32
+    assert_same(ref, ours, rtol=2e-2, atol=2e-2)  # outputs and gradients rounded to bf16 (8 bits)
 
 
 def test_dispatch_uses_torch_path_on_cpu_and_rejects_unknown_backend():

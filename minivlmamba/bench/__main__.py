@@ -1,16 +1,16 @@
-"""`python -m minivlmamba.bench scan|generate|train`: one sub-command per module of the package."""
+"""`python -m minivlmamba.bench scan|generate|train|cpu-scan`: one sub-command per module of the package."""
 
 import argparse
 
 from minivlmamba import bench
-from minivlmamba.bench import generate, scan, train
+from minivlmamba.bench import cpu_scan, generate, scan, train
 
 
 def main():
     parser = argparse.ArgumentParser(prog="python -m minivlmamba.bench", description=bench.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (scan, generate, train):
+    for command in (scan, generate, train, cpu_scan):
         command.add_parser(sub)
     args = parser.parse_args()
     args.run(args)
