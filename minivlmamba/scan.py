@@ -195,7 +195,7 @@ def _states(a, du, B, h, out):
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          return_last_state=False):
-    """The same scan, exact, several times faster on a CPU than the reference (same arguments).
+    """The same scan, exact, 2-4x faster than the reference on a CPU (same arguments; `bench cpu-scan`).
 
     The recurrence and its hand-written backward are `_SelectiveScan`, on time-first copies of the
     inputs. The bias, softplus, skip and gate around it work on (b, di, l) tensors, n times smaller,
