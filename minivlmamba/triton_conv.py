@@ -70,7 +70,8 @@ def _conv_bwd_g_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, g_ptr, dw_ptr, dbias_pt
     g_row = g_ptr + pid_b * s_gb + c[:, None] * s_gc
     dw = tl.zeros((BLOCK_C, KP), tl.float32)
     dbias = tl.zeros((BLOCK_C,), tl.float32)
-    for t0 in range(0, L, BLOCK_T):
+    t0 = 0
+    while t0 < L:  # not range(): see triton_scan.py
         t = t0 + tl.arange(0, BLOCK_T)  # (BLOCK_T,) steps
         m = mc[:, None] & (t < L)[None, :]
         pre = _pre(x_row, w_ptr, bias, c, mc, t, L, K)  # (BLOCK_C, BLOCK_T)
@@ -83,6 +84,7 @@ def _conv_bwd_g_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, g_ptr, dw_ptr, dbias_pt
             s = t - (K - 1) + k  # the input step weight k read for step t
             xs = tl.load(x_row + s[None, :], mask=mc[:, None] & ((s >= 0) & (t < L))[None, :], other=0.0)
             dw += tl.where(i[None, :] == k, tl.sum(g * xs.to(tl.float32), axis=1)[:, None], 0.0)  # (BLOCK_C, KP)
+        t0 += BLOCK_T
     tl.atomic_add(dbias_ptr + c, dbias, mask=mc, sem="relaxed")  # the sum over sequences
     tl.atomic_add(dw_ptr + c[:, None] * K + i[None, :], dw, mask=mc[:, None] & (i < K)[None, :], sem="relaxed")
 

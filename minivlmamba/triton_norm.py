@@ -48,7 +48,8 @@ def _add_norm_bwd_kernel(x_ptr, w_ptr, rstd_ptr, dy_ptr, dx_in_ptr, dres_ptr, do
     m = cols < D
     w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK,), tl.float32)
-    for row in range(pid, ROWS, programs):
+    row = pid
+    while row < ROWS:  # not range(): see triton_scan.py
         offs = row * D + cols  # int32: fine below 2^31 elements (8 GB of fp32)
         rstd = tl.load(rstd_ptr + row)
         xhat = tl.load(x_ptr + offs, mask=m, other=0.0) * rstd
@@ -61,6 +62,7 @@ def _add_norm_bwd_kernel(x_ptr, w_ptr, rstd_ptr, dy_ptr, dx_in_ptr, dres_ptr, do
         if HAS_RES:
             tl.store(dres_ptr + offs, dx, mask=m)
         tl.store(dout_ptr + offs, dx, mask=m)
+        row += programs
     tl.store(dw_ptr + pid * D + cols, dw, mask=m)
 
 

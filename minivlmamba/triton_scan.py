@@ -98,7 +98,10 @@ def _scan_fwd_kernel(
     h = tl.zeros((NP, BLOCK_D), tl.float32)  # state entering the chunk
     u_nxt, dt_nxt = _load_tile(u_col, tc, md, L), _load_tile(dt_col, tc, md, L)  # (CHUNK, BLOCK_D)
     B_nxt, C_nxt = _load_tile(B_col, tc, mn, L), _load_tile(C_col, tc, mn, L)  # (CHUNK, NP)
-    for c in range(n_chunks):
+    # Loops to a runtime bound are while loops in our kernels: under NumPy >= 2.4, triton 3.6's
+    # interpreter cannot give range() one (a 1-element array, not a 0-d one, stands for each scalar).
+    c = 0
+    while c < n_chunks:
         if c % SAVE == 0:  # the state entering every SAVE-th chunk, for the backward
             tl.store(h0_ptrs + c // SAVE * DI * N, h, mask=mnd)
         t = c * CHUNK + tc  # (CHUNK,)
@@ -122,6 +125,7 @@ def _scan_fwd_kernel(
             z = tl.load(z_ptr + pid_b * s_zb + d[None, :] * s_zd + t[:, None], mask=m, other=0.0).to(tl.float32)
             y *= z * tl.sigmoid(z)
         tl.store(out_ptr + pid_b * s_yb + d[None, :] * s_yd + t[:, None], y, mask=m)
+        c += 1
     tl.store(last_ptr + (pid_b * DI + d[None, :]) * N + n[:, None], h, mask=mnd)
 
 

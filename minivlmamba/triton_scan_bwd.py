@@ -127,8 +127,8 @@ def _scan_bwd_kernel(
 
     dD = tl.zeros((BLOCK_D,), tl.float32)
     dbias = tl.zeros((BLOCK_D,), tl.float32)
-    for i in range(n_chunks):
-        c = n_chunks - 1 - i
+    c = n_chunks - 1
+    while c >= 0:  # backwards in time, chunk by chunk (not range(): see triton_scan.py)
         t = c * CHUNK + tc  # (CHUNK,)
         mt, mp = t < L, t < LP  # real steps; steps of the padded rows
         m, mo = md[:, None] & mt[None, :], md[:, None] & mp[None, :]  # (BLOCK_D, CHUNK) inputs; outputs
@@ -158,7 +158,8 @@ def _scan_bwd_kernel(
         tt = t[None, :] + 0 * d[:, None]  # (BLOCK_D, CHUNK) the steps, in the tile's shape
         h0_chunk = h0_col + c * DI * N  # (BLOCK_D,) the states saved at the chunk's start
         A, Bk, Ck, h0, dh_in = _state_inputs(0, A_col, B_row, C_row, h0_chunk, carry_in, tt, md, mo, s_Bn, s_Cn)
-        for k in range(N):
+        k = 0
+        while k < N:
             # issue the loads of state k + 1 now, so that they arrive while state k computes (after
             # the last state, state 0 again: a valid address, the values unused). Measured only as part
             # of the whole v6 kernel, not on its own (notes/scan-kernels.md)
@@ -184,6 +185,7 @@ def _scan_bwd_kernel(
             dhaA += dh * A
             tl.atomic_add(dA_col + k, tl.sum(dh * dt, axis=1), mask=md, sem="relaxed")
             A, Bk, Ck, h0, dh_in = A_nxt, B_nxt, C_nxt, h0_nxt, dh_nxt
+            k += 1
 
         ddt = u * dhB + dhaA
         du = dt * dhB
@@ -197,6 +199,7 @@ def _scan_bwd_kernel(
             dbias += tl.sum(tl.where(m, ddt, 0.0), axis=1)
         tl.store(du_row + t[None, :], du, mask=mo)
         tl.store(ddt_row + t[None, :], ddt, mask=mo)
+        c -= 1
 
     if HAS_D:
         tl.store(dD_ptr + pid_b * DI + d, dD, mask=md)
