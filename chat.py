@@ -9,7 +9,10 @@ Ctrl-D / Ctrl-C) exits. The model reads the image and each question once; its re
 carries the conversation, so every new token costs the same however long the chat gets.
 """
 
-import argparse
+import signal
+
+signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch loads just stops (cli.run catches it later)
+
 import json
 import random
 import sys
@@ -18,16 +21,16 @@ import uuid
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from minivlmamba import UserError
 from minivlmamba.checkpoint import load_model
+from minivlmamba.cli import ArgumentParser, Number, check_text, decode, device, output_file, run
 from minivlmamba.data import image_in_folder, load_image
 from minivlmamba.shapes import CELLS, make_scene, render, with_article
 from minivlmamba.templates import prompt_text
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])
+parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
 parser.add_argument("--ckpt", default="out/tiny", help="checkpoint folder written by train.py")
 parser.add_argument("--image", help="image file to talk about")
 parser.add_argument("--demo", action="store_true", help="generate a shapes scene (saved to --demo-file)")
@@ -36,13 +39,13 @@ parser.add_argument("-p", "--prompt", help="ask one question, print the answer a
 parser.add_argument("--questions", help="question file (JSONL: question_id, image, text) to answer in batch")
 parser.add_argument("--answers", help="answers file (JSONL) to write; an interrupted one is resumed")
 parser.add_argument("--image-folder", default=".", help="folder the question file's images are relative to")
-parser.add_argument("--batch-size", type=int, default=8, help="questions of --questions decoded together")
-parser.add_argument("--max-new-tokens", type=int, default=128)
-parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-parser.add_argument("--top-k", type=int, default=0)
-parser.add_argument("--top-p", type=float, default=1.0)
-parser.add_argument("--seed", type=int, default=None, help="seed for --demo and sampling")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+parser.add_argument("--batch-size", type=Number(int, 1), default=8, help="questions of --questions decoded together")
+parser.add_argument("--max-new-tokens", type=Number(int, 1), default=128)
+parser.add_argument("--temperature", type=Number(float, 0), default=0.0, help="0 = greedy")
+parser.add_argument("--top-k", type=Number(int, 0), default=0, help="0 = all tokens")
+parser.add_argument("--top-p", type=Number(float, high=1, above=0), default=1.0)
+parser.add_argument("--seed", type=Number(int, 0, 2**63 - 1), help="seed for --demo and sampling")
+parser.add_argument("--device", type=device, default="auto", help="cpu, cuda, cuda:N, or auto")
 args = parser.parse_args()
 
 
@@ -95,6 +98,7 @@ def demo_image():
 def interactive(model, tokenizer, image):
     chat = Conversation(model, tokenizer, image)
     print("ask about the image; /image PATH switches it, /clear forgets the conversation, quit exits")
+    sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 reach check_text, not input()
     while True:
         try:
             line = input("> ").strip()
@@ -117,17 +121,19 @@ def interactive(model, tokenizer, image):
             print("(conversation cleared: same image)")
         elif line:
             try:
-                for piece in chat.ask(line):
+                for piece in chat.ask(check_text(line, "your question")):
                     print(piece, end="", flush=True)
             except KeyboardInterrupt:
                 chat = Conversation(model, tokenizer, image)  # the state holds a half answer: start over
+            except UserError as e:
+                print(f"error: {e}", end="")
             print()
 
 
 def read_questions(path):
     """A JSONL question file -> list of dicts; any malformed line is an error naming it."""
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = decode(Path(path).read_bytes(), path).splitlines()
     except OSError as e:
         raise UserError(f"{path}: cannot read the question file ({e.strerror})") from None
     questions = []
@@ -138,30 +144,40 @@ def read_questions(path):
             q = json.loads(line)
             if not isinstance(q, dict) or not isinstance(q.get("text"), str) or "question_id" not in q:
                 raise ValueError("needs question_id and text")
+            if not isinstance(q["question_id"], (str, int)):
+                raise ValueError("question_id must be a string or an integer")
         except ValueError as e:
             raise UserError(f"{path}:{number}: malformed question ({e})") from None
+        check_text(q["text"], f"{path}:{number}")
         questions.append(q)
     return questions
 
 
+def answered(path: Path) -> set:
+    """The question ids an interrupted run already wrote to the answers file. A last line cut short (a kill,
+    a full disk) is removed, so the next answer starts on a line of its own."""
+    data = path.read_bytes() if path.exists() else b""
+    whole = data[:data.rfind(b"\n") + 1]
+    if len(whole) < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(whole))
+    done = set()
+    for number, line in enumerate(decode(whole, path).splitlines(), 1):
+        try:
+            done.add(json.loads(line)["question_id"])
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path}:{number}: not an answer; is --answers the answers file of a run?") from None
+    return done
+
+
 def answer_file(model, tokenizer):
     """Answer every question of --questions into --answers (LLaVA's model_vqa format), resuming."""
-    if not args.answers:
-        raise UserError("--questions needs --answers FILE")
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
     questions = read_questions(args.questions)
     folder = Path(args.image_folder).resolve()
     if not folder.is_dir():
         raise UserError(f"{args.image_folder}: no such image folder")
     answers = Path(args.answers)
-    done = set()
-    if answers.exists():  # resume: keep what an interrupted run already wrote
-        for line in answers.read_text().splitlines():
-            try:
-                done.add(json.loads(line)["question_id"])
-            except (ValueError, KeyError, TypeError):
-                pass
+    done = answered(answers)  # resume: keep what an interrupted run already wrote
     todo = [q for q in questions if q["question_id"] not in done]
     print(f"{len(questions)} questions, {len(done)} already answered, {len(todo)} to go", file=sys.stderr)
     skipped, t0 = 0, time.time()
@@ -191,9 +207,26 @@ def answer_file(model, tokenizer):
     print(f"\nwrote {answers} ({skipped} questions skipped)", file=sys.stderr)
 
 
+def check_outputs():
+    """The files this run writes can be written, before the model loads."""
+    if args.questions:
+        if not args.answers:
+            raise UserError("--questions needs --answers FILE")
+        if Path(args.answers).resolve() == Path(args.questions).resolve():
+            raise UserError("--answers is the question file; give another file")
+        output_file(args.answers, "--answers")
+    elif args.demo:
+        output_file(args.demo_file, "--demo-file")
+        if Image.registered_extensions().get(Path(args.demo_file).suffix.lower()) not in Image.SAVE:
+            raise UserError(f"--demo-file {args.demo_file}: not an image file name; end it in .png")
+
+
 def main():
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    if args.prompt is not None:
+        check_text(args.prompt, "-p")
+    check_outputs()
     model, tokenizer = load_model(args.ckpt, args.device)
     if args.questions:
         return answer_file(model, tokenizer)
@@ -211,9 +244,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run(main)

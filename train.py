@@ -14,6 +14,10 @@ With a paper preset and LLaVA data it runs the paper's two-stage recipe on pretr
     torchrun --nproc_per_node=8 train.py --fsdp ...      # each process keeps 1/8 of the weights and optimizer
 """
 
+import signal
+
+signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch loads just stops (cli.run catches it later)
+
 import argparse
 import collections
 import ctypes
@@ -33,53 +37,74 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minivlmamba import UserError, VLMamba, preset
-from minivlmamba.checkpoint import COMPONENTS, TIED, build_model, load_model, save_model, save_train_state
+from minivlmamba.checkpoint import (COMPONENTS, TIED, build_model, check_vocabulary, holds_checkpoint,
+                                    load_model, load_state_dict_strict, prepare_folder, read_train_state,
+                                    save_model, save_train_state)
+from minivlmamba.cli import ArgumentParser, Number, device, one_line, run
 from minivlmamba.connector import CONNECTORS, SCANS
 from minivlmamba.data import LlavaDataset, collate, collate_good, encode_sample, sample_order
 from minivlmamba.pretrained import load_tokenizer
 from minivlmamba.shapes import FAMILIES, held_out_set, pretrain_tower, train_tokenizer, training_sample
 from minivlmamba.vlm import peak_bf16_flops
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--preset", default="tiny", help="model preset (see minivlmamba/config.py)")
+# The flags that decide what a run computes, with their defaults. The parser leaves them None when not
+# given; they are saved with the run, and --resume keeps them (a flag given must agree with them).
+RECIPE = dict(preset="tiny", data=None, image_folder=".", stage=1, init=None, vision=None, lm=None,
+              tokenizer="EleutherAI/gpt-neox-20b", steps=None, batch_size=None, grad_accum=1, lr=None,
+              lr_vision=None, lr_connector=None, lr_lm=None, tower_steps=300, warmup=0.03, weight_decay=0.0,
+              grad_clip=1.0, connector=None, scan=None, no_group_by_length=False, seed=0)
+
+parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+parser.add_argument("--preset", help="model preset (see minivlmamba/config.py; default tiny)")
 parser.add_argument("--out", default="out/tiny", help="checkpoint folder to write (and --resume from)")
-parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+fresh_or_not = parser.add_mutually_exclusive_group()
+fresh_or_not.add_argument("--resume", action="store_true",
+                          help="continue the run saved in --out, with the flags it was started with (a flag "
+                               "given must agree; --device, --dtype, --fsdp, --workers, --grad-checkpointing, "
+                               "--log-every, --save-every and --eval-per-family may change)")
+fresh_or_not.add_argument("--overwrite", action="store_true", help="replace the checkpoint already in --out")
 parser.add_argument("--data", help="LLaVA-format JSON file (default: the embedded shapes set)")
-parser.add_argument("--image-folder", default=".", help="folder the data file's images are relative to")
-parser.add_argument("--stage", type=int, choices=[1, 2], default=1, help="1: align (connector), 2: instruct (+ LM)")
-parser.add_argument("--init", help="stage 2: the stage-1 checkpoint folder to start from")
+parser.add_argument("--image-folder", help="folder the data file's images are relative to (default .)")
+parser.add_argument("--stage", type=int, choices=[1, 2], help="1: align (connector), 2: instruct (+ LM); default 1")
+parser.add_argument("--init", help="the checkpoint folder to start from (stage 2: the stage-1 one)")
 parser.add_argument("--vision", help="pretrained vision tower folder or repo id (default: the preset's)")
 parser.add_argument("--lm", help="pretrained Mamba folder or repo id (default: the preset's)")
-parser.add_argument("--tokenizer", default="EleutherAI/gpt-neox-20b",
-                    help="tokenizer.json folder or repo id (paper presets)")
-parser.add_argument("--steps", type=int, help="optimizer steps (default: 3000 for shapes, 1 epoch of --data)")
-parser.add_argument("--batch-size", type=int, help="global batch (default: 16 shapes, 256 stage 1, 128 stage 2)")
-parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process")
-parser.add_argument("--lr", type=float, help="peak learning rate (default: 5e-4 shapes, 1e-3 stage 1, 2e-5 stage 2)")
-parser.add_argument("--lr-vision", type=float, help="vision tower lr (0 = frozen; frozen unless --tower-steps 0)")
-parser.add_argument("--lr-connector", type=float, help="connector lr (0 = frozen; default --lr)")
-parser.add_argument("--lr-lm", type=float, help="language model lr (0 = frozen; default --lr, frozen in stage 1)")
-parser.add_argument("--tower-steps", type=int, default=300,
+parser.add_argument("--tokenizer", help="tokenizer.json folder or repo id (paper presets; default "
+                                        "EleutherAI/gpt-neox-20b)")
+parser.add_argument("--steps", type=Number(int, 1), help="optimizer steps (default: 3000 for shapes, 1 epoch of --data)")
+parser.add_argument("--batch-size", type=Number(int, 1),
+                    help="global batch (default: 16 shapes, 256 stage 1, 128 stage 2)")
+parser.add_argument("--grad-accum", type=Number(int, 1), help="micro-batches per step and process (default 1)")
+parser.add_argument("--lr", type=Number(float, above=0),
+                    help="peak learning rate (default: 5e-4 shapes, 1e-3 stage 1, 2e-5 stage 2)")
+parser.add_argument("--lr-vision", type=Number(float, 0),
+                    help="vision tower lr (0 = frozen; frozen unless --tower-steps 0)")
+parser.add_argument("--lr-connector", type=Number(float, 0), help="connector lr (0 = frozen; default --lr)")
+parser.add_argument("--lr-lm", type=Number(float, 0),
+                    help="language model lr (0 = frozen; default --lr, frozen in stage 1)")
+parser.add_argument("--tower-steps", type=Number(int, 0),
                     help="shapes: steps pretraining the tower to name each patch's object and cell, then frozen "
-                         "(0: no pretraining, the tower trains with the rest)")
-parser.add_argument("--warmup", type=float, default=0.03, help="fraction of steps of linear warmup")
-parser.add_argument("--weight-decay", type=float, default=0.0)
-parser.add_argument("--grad-clip", type=float, default=1.0)
+                         "(0: no pretraining, the tower trains with the rest; default 300)")
+parser.add_argument("--warmup", type=Number(float, 0, 1), help="fraction of steps of linear warmup (default 0.03)")
+parser.add_argument("--weight-decay", type=Number(float, 0), help="default 0")
+parser.add_argument("--grad-clip", type=Number(float, above=0), help="the gradients' largest norm (default 1)")
 parser.add_argument("--grad-checkpointing", action="store_true", help="recompute each LM block in the backward")
 parser.add_argument("--connector", choices=CONNECTORS, help="override the preset's connector")
 parser.add_argument("--scan", choices=SCANS, help="override the preset's scan order (bsm or csm)")
 parser.add_argument("--fsdp", action="store_true",
                     help="(torchrun) shard weights, gradients and optimizer state over the processes (FSDP)")
-parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="autocast dtype")
-parser.add_argument("--workers", type=int, default=4, help="data loading processes (--data)")
-parser.add_argument("--no-group-by-length", action="store_true", help="(--data) do not batch similar lengths together")
-parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--log-every", type=int, default=50)
-parser.add_argument("--save-every", type=int, default=500)
-parser.add_argument("--eval-per-family", type=int, default=200, help="held-out questions per family (shapes)")
+parser.add_argument("--device", type=device, default="auto", help="cpu, cuda, cuda:N, or auto")
+parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="autocast dtype (auto: bf16 on a GPU, fp32 on the CPU; bf16 also runs on the CPU)")
+parser.add_argument("--workers", type=Number(int, 0), default=4, help="data loading processes (--data)")
+parser.add_argument("--no-group-by-length", action="store_true", default=None,
+                    help="(--data) do not batch similar lengths together")
+parser.add_argument("--seed", type=Number(int, 0, 2**63 - 1), help="default 0")
+parser.add_argument("--log-every", type=Number(int, 1), default=50)
+parser.add_argument("--save-every", type=Number(int, 1), default=500)
+parser.add_argument("--eval-per-family", type=Number(int, 1), default=200, help="held-out questions per family (shapes)")
 args = parser.parse_args()
+saved_step = None  # the step of this run's last checkpoint (for the message on Ctrl-C)
 
 
 def keep_freed_memory():
@@ -102,7 +127,7 @@ def main():
     # ---------------------------------------------------------------- processes and devices
     distributed = "RANK" in os.environ  # started by torchrun
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = args.device
     if args.fsdp and not distributed:
         raise UserError("--fsdp shards the model over processes: start train.py with torchrun")
     if distributed:
@@ -114,66 +139,98 @@ def main():
     if not cuda:
         keep_freed_memory()
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if cuda else "fp32")
-    autocast = torch.autocast("cuda", torch.bfloat16) if dtype == "bf16" else nullcontext()
+    autocast = torch.autocast(torch.device(device).type, torch.bfloat16) if dtype == "bf16" else nullcontext()
     log = print if master else (lambda *a, **k: None)
-    shapes = args.data is None
+    warn = (lambda message: print(message, file=sys.stderr)) if master else (lambda message: None)
 
-    # ---------------------------------------------------------------- model, tokenizer, recipe
+    # ---------------------------------------------------------------- the run's flags, its folder
     out = Path(args.out)
-    torch.manual_seed(args.seed)
+    given = {name: getattr(args, name) for name in RECIPE if getattr(args, name) is not None}
     state = None
     if args.resume:
         model, tokenizer = load_model(out)
-        if not (out / "train_state.pt").is_file():
-            raise UserError(f"{out}: nothing to resume (no train_state.pt)")
-        state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True, mmap=True)
-        model.load_state_dict(state["model"], strict=False)  # the trained weights, exactly as saved
-    elif args.init:
-        model, tokenizer = load_model(args.init)
+        state = read_train_state(out, RECIPE)
+        recipe = state["recipe"]
+        changed = [f"--{name.replace('_', '-')} {value} (the run's: {recipe[name]})"
+                   for name, value in given.items() if value != recipe[name]]
+        if changed:
+            raise UserError(f"--resume continues the run in {out} with its own flags, so not with "
+                            f"{', '.join(changed)}: leave them out, or start a new run from it with --init {out} "
+                            "--out NEW")
     else:
-        cfg = preset(args.preset)
-        cfg.connector, cfg.scan = args.connector or cfg.connector, args.scan or cfg.scan
-        if args.preset == "tiny":
+        if holds_checkpoint(out) and not args.overwrite:
+            raise UserError(f"{out} holds a checkpoint already: continue it with --resume, write to another "
+                            "--out, or replace it with --overwrite")
+        recipe = {**RECIPE, **given}
+    r = argparse.Namespace(**recipe)
+    shapes = r.data is None
+    if not args.resume:
+        check_effect(given, shapes, r)
+    prepare_folder(out)
+
+    # ---------------------------------------------------------------- model, tokenizer, recipe
+    torch.manual_seed(r.seed)
+    if r.init and not args.resume:
+        model, tokenizer = load_model(r.init)
+    elif not args.resume:  # (a resumed model is loaded above)
+        cfg = preset(r.preset)
+        cfg.connector, cfg.scan = r.connector or cfg.connector, r.scan or cfg.scan
+        if r.preset == "tiny":
             tokenizer = train_tokenizer(cfg.template, vocab_size=cfg.lm.vocab_size)
             cfg.lm = dataclasses.replace(cfg.lm, vocab_size=tokenizer.get_vocab_size())
             model = VLMamba(cfg)
-        else:
-            cfg.vision_path, cfg.lm_path = args.vision or cfg.vision_path, args.lm or cfg.lm_path
-            tokenizer = load_tokenizer(args.tokenizer)
+        else:  # a local folder is saved as an absolute path, so the checkpoint loads from anywhere
+            absolute = lambda path: str(Path(path).resolve()) if Path(path).is_dir() else path
+            cfg.vision_path, cfg.lm_path = absolute(r.vision or cfg.vision_path), absolute(r.lm or cfg.lm_path)
+            tokenizer = load_tokenizer(r.tokenizer)
             model = build_model(cfg)
+            check_vocabulary(tokenizer, model, r.tokenizer)
             lm_cfg = model.cfg.lm  # generation never samples the padding rows past the tokenizer's vocabulary
             lm_cfg.vocab_size = min(lm_cfg.vocab_size, tokenizer.get_vocab_size())
     cfg = model.cfg
     if shapes and cfg.vision_path:
-        raise UserError(f"preset {args.preset!r} is trained on LLaVA data: give --data and --image-folder")
-    stage = 0 if shapes else args.stage
+        raise UserError(f"preset {r.preset!r} is trained on LLaVA data: give --data and --image-folder")
+    stage = 0 if shapes else r.stage
     template = "plain" if stage == 1 else cfg.template  # stage 1 learns captions, not conversations
-    default_lr = {0: 5e-4, 1: 1e-3, 2: 2e-5}[stage]
-    lr = args.lr or default_lr  # the tower is frozen (unless shapes trains it from scratch), the LM in stage 1
-    defaults = dict(vision=lr * (stage == 0 and args.tower_steps == 0), connector=lr, lm=lr * (stage != 1))
-    given = {part: getattr(args, f"lr_{part}") for part in COMPONENTS}
-    lrs = {part: defaults[part] if given[part] is None else given[part] for part in COMPONENTS}  # 0 = frozen
+    lr = {0: 5e-4, 1: 1e-3, 2: 2e-5}[stage] if r.lr is None else r.lr
+    # the tower is frozen (unless shapes trains it from scratch), the LM in stage 1
+    defaults = dict(vision=lr * (stage == 0 and r.tower_steps == 0), connector=lr, lm=lr * (stage != 1))
+    lrs = {part: defaults[part] if getattr(r, f"lr_{part}") is None else getattr(r, f"lr_{part}")
+           for part in COMPONENTS}  # 0 = frozen
     trained = tuple(part for part in COMPONENTS if lrs[part] > 0)
+    pretrained = dict(vision=bool(cfg.vision_path) or (shapes and r.tower_steps > 0), connector=False,
+                      lm=bool(cfg.lm_path))
+    frozen_random = [part for part in COMPONENTS if part not in trained and not pretrained[part]]
+    if frozen_random and not (args.resume or r.init):
+        raise UserError(f"the {' and '.join(frozen_random)} would stay as initialised, random and frozen: they have "
+                        f"no pretrained weights and a learning rate of 0; give {' and '.join(f'--lr-{p}' for p in frozen_random)} "
+                        "a rate, or use a preset with pretrained weights")
     # a checkpoint holds what was trained and whatever no pretrained weights could rebuild
     saved = tuple(part for part in COMPONENTS if part in trained or not getattr(cfg, f"{part}_path", ""))
-    batch_size = args.batch_size or {0: 16, 1: 256, 2: 128}[stage]
-    if batch_size % (world * args.grad_accum):
+    batch_size = {0: 16, 1: 256, 2: 128}[stage] if r.batch_size is None else r.batch_size
+    if batch_size % (world * r.grad_accum):
         raise UserError(f"--batch-size {batch_size} is not divisible by {world} processes x "
-                        f"{args.grad_accum} accumulation steps")
-    micro = batch_size // (world * args.grad_accum)
+                        f"{r.grad_accum} accumulation steps")
+    micro = batch_size // (world * r.grad_accum)
+    r.lr, r.batch_size = lr, batch_size
+    for part in COMPONENTS:
+        setattr(r, f"lr_{part}", lrs[part])
+    if state is not None:  # the trained weights, exactly as saved
+        names = [name for name in model.state_dict() if name.split(".")[0] not in saved or name == TIED]
+        load_state_dict_strict(model, state["model"], str(out / "train_state.pt"), ignore=names)
 
     n_params = sum(p.numel() for p in model.parameters())
-    name = "from checkpoint" if args.resume or args.init else args.preset
+    name = "from checkpoint" if args.resume or r.init else r.preset
     parallel = " FSDP" if args.fsdp else " DDP" if distributed else ""
     log(f"model: {name}, {n_params / 1e6:.2f}M parameters, connector {cfg.connector}, scan {cfg.scan}, "
         f"training {'+'.join(trained)}, device {device} x{world}{parallel}, {dtype}")
     model.lm.gradient_checkpointing = args.grad_checkpointing
     model.to(device).train()
-    if shapes and not (args.resume or args.init) and args.tower_steps > 0:
+    if shapes and not (args.resume or r.init) and r.tower_steps > 0:
         # The paper starts from a pretrained tower; the tiny default first pretrains its own.
         t = time.time()
-        accuracy = pretrain_tower(model.vision, args.tower_steps, seed=args.seed, device=device)
-        log(f"tower: {args.tower_steps} steps learning what each patch shows and where, {100 * accuracy:.1f}% of "
+        accuracy = pretrain_tower(model.vision, r.tower_steps, seed=r.seed, device=device)
+        log(f"tower: {r.tower_steps} steps learning what each patch shows and where, {100 * accuracy:.1f}% of "
             f"held-out patches right ({time.time() - t:.0f} s); now frozen")
     for part in COMPONENTS:
         getattr(model, part).requires_grad_(part in trained)  # before DDP and FSDP, which read it
@@ -195,11 +252,15 @@ def main():
         if part in trained:
             for decay in (True, False):
                 chosen = [p for n, p in params if no_decay(n, p) != decay]
-                groups.append(dict(params=chosen, peak_lr=lrs[part], weight_decay=args.weight_decay * decay))
+                groups.append(dict(params=chosen, peak_lr=lrs[part], weight_decay=r.weight_decay * decay))
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=cuda)
     step = 0
     if state is not None:
-        optimizer.load_state_dict(sharded_like_params(state["optimizer"], optimizer))
+        try:
+            optimizer.load_state_dict(sharded_like_params(state["optimizer"], optimizer))
+        except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as e:
+            raise UserError(f"{out / 'train_state.pt'}: its optimizer state does not fit the model ({one_line(e)}); "
+                            "start over with --overwrite") from None
         step = state["step"]
 
     # ---------------------------------------------------------------- data
@@ -207,39 +268,46 @@ def main():
     # sees exactly the batches the interrupted one would have seen, whatever the number of processes.
     max_text = cfg.max_len - cfg.vision.num_patches
     if shapes:
-        steps = args.steps or 3000
+        steps = r.steps or 3000
 
         def micro_batches(step):
-            for i in range(args.grad_accum):
-                rng = random.Random(f"{args.seed}-{step}-{i}-{rank}")
+            for i in range(r.grad_accum):
+                rng = random.Random(f"{r.seed}-{step}-{i}-{rank}")
                 pixels, encoded = [], []
                 for _ in range(micro):
                     image, turns = training_sample(rng)
                     pixels.append(raw_model.vision.preprocess([image])[0])
                     encoded.append(encode_sample(tokenizer, template, turns, max_text))
-                yield collate(pixels, encoded), 0
+                yield collate(pixels, encoded), []
     else:
-        dataset = LlavaDataset(args.data, args.image_folder, tokenizer, template, cfg.vision, max_text)
-        steps = args.steps or len(dataset) // batch_size
-        order = sample_order(dataset.text_lengths(), batch_size, args.seed, group=not args.no_group_by_length)
+        dataset = LlavaDataset(r.data, r.image_folder, tokenizer, template, cfg.vision, max_text)
+        if dataset.problems:
+            warn(f"warning: {len(dataset.problems)} of the {len(dataset)} samples of {r.data} cannot be used and "
+                 f"will be skipped (the first: {dataset.problems[0]})")
+        steps = r.steps or max(1, len(dataset) // batch_size)
+        order = sample_order(dataset.text_lengths(), batch_size, r.seed, group=not r.no_group_by_length)
         sampler = [order[(s * batch_size + (i * world + rank) * micro + j) % len(dataset)]
-                   for s in range(step, steps) for i in range(args.grad_accum) for j in range(micro)]
+                   for s in range(step, steps) for i in range(r.grad_accum) for j in range(micro)]
         loader = iter(torch.utils.data.DataLoader(dataset, micro, sampler=sampler, num_workers=args.workers,
                                                   collate_fn=collate_good, pin_memory=cuda))
 
         def micro_batches(step):
-            for _ in range(args.grad_accum):
+            for _ in range(r.grad_accum):
                 yield next(loader)
+    r.steps = steps
+    if state is not None:
+        log(f"resuming {out} at step {step}/{steps}, with the flags the run was started with")
 
     def lr_factor(step):
         """Linear warmup, then cosine decay to 10% of the peak."""
-        warmup = max(1, int(args.warmup * steps))
+        warmup = max(1, int(r.warmup * steps))
         if step < warmup:
             return (step + 1) / warmup
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(1, steps - warmup), 1.0)))
 
     # ---------------------------------------------------------------- training loop
     def save():
+        global saved_step
         # The whole weights and AdamW state (gathered from the shards under FSDP: every process
         # takes part), written by the master alone, so a run resumes on any number of processes.
         weights = {k: gathered(v, master) for k, v in raw_model.state_dict().items()
@@ -248,38 +316,44 @@ def main():
         opt_state["state"] = {i: {k: gathered(v, master) for k, v in s.items()} for i, s in opt_state["state"].items()}
         if master:
             save_model(out, raw_model, tokenizer, saved, weights)
-            save_train_state(out, dict(model=weights, optimizer=opt_state, step=step))
+            save_train_state(out, dict(model=weights, optimizer=opt_state, step=step, recipe=vars(r)))
+        saved_step = step
 
     # MFU: model FLOPs (VLMamba.training_flops) over the card's peak bf16 rate.
     peak = peak_bf16_flops(torch.cuda.get_device_name()) if cuda else None
-    t0, tokens, flops, skipped = time.time(), 0, 0, 0
+    t0, tokens, flops, skipped, learned, first_bad = time.time(), 0, 0, 0, 0, None
     recent = collections.deque([(t0, step)], maxlen=6)  # (time, step) at the last few log lines: the ETA
     while step < steps:
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * lr_factor(step)
         optimizer.zero_grad(set_to_none=True)
         losses = []
-        for batch, bad in micro_batches(step):
+        for batch, bad in micro_batches(step):  # bad: why each of the micro-batch's bad samples is
+            first_bad = first_bad or next(iter(bad), None)
             # a micro-batch that one process has no good sample of is dropped by all, or their
-            # collectives would stop pairing up; the bad samples are counted over all processes
+            # collectives would stop pairing up; the samples are counted over all processes
+            counts = torch.tensor([batch is None, len(bad), 0 if batch is None else len(batch[0])])
             if distributed:
-                counts = torch.tensor([batch is None, bad], dtype=torch.float32, device=device)
+                counts = counts.to(device)
                 dist.all_reduce(counts)
-                empty, bad = counts.tolist()
-                batch = None if empty else batch
-            skipped += int(bad)
-            if batch is None:  # every sample of this micro-batch was bad
+            empty, n_bad, n_good = counts.tolist()
+            skipped += n_bad
+            if empty:  # every sample of this micro-batch was bad
                 continue
+            learned += n_good
             pixel_values, input_ids, labels = (t.to(device, non_blocking=True) for t in batch)
             with autocast:
                 _, loss = model(pixel_values, input_ids, labels)
             if not torch.isfinite(loss):
                 raise UserError(f"step {step}: loss is {loss.item()}; lower --lr or use --dtype fp32")
-            (loss / args.grad_accum).backward()
+            (loss / r.grad_accum).backward()
             losses.append(loss.item())
             tokens += (input_ids.numel() + pixel_values.shape[0] * cfg.vision.num_patches) * world
             flops += raw_model.training_flops(input_ids.shape[1]) * input_ids.shape[0] * world
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)  # over all shards
+        if skipped and not learned and skipped >= min(100, len(dataset)):  # nothing to learn from: stop before saving
+            raise UserError(f"the first {skipped} samples of {r.data} were all bad (the first: {first_bad}); "
+                            "check --data and --image-folder")
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), r.grad_clip)  # over all shards
         optimizer.step()
         step += 1
         if step % args.log_every == 0 or step == steps:
@@ -297,9 +371,14 @@ def main():
         if step % args.save_every == 0 or step == steps:
             save()
 
+    seen = skipped + learned
+    if skipped > 0.1 * seen:
+        warn(f"WARNING: {skipped} of the {seen} samples this run read ({skipped / seen:.0%}) were bad and skipped "
+             f"(the first: {first_bad}); the model learned from the rest only")
+
     # ---------------------------------------------------------------- held-out evaluation
     if shapes and (master or args.fsdp):
-        accuracy = evaluate(raw_model, tokenizer, device, autocast)  # FSDP: every process, its forward needs all
+        accuracy = evaluate(raw_model, tokenizer, device, autocast, r.seed)  # FSDP: every process, its forward needs all
         log(f"\n{'family':<10} {'accuracy':>8}")
         for family in FAMILIES:
             log(f"{family:<10} {100 * accuracy[family]:7.1f}%")
@@ -309,6 +388,23 @@ def main():
         log(f"saved {out}/ ({time.time() - t0:.0f} s, {skipped} bad samples skipped)")
     if distributed:
         dist.destroy_process_group()
+
+
+def check_effect(given, shapes, r):
+    """A flag given that this run would not use is a mistake: say so instead of ignoring it."""
+    unused = {}
+    if shapes:
+        unused.update(dict.fromkeys(("image_folder", "stage", "no_group_by_length"), "without --data (the shapes set)"))
+    else:
+        unused["tower_steps"] = "with --data (the tower is pretrained on shapes only)"
+    if r.init:
+        unused.update(dict.fromkeys(("preset", "connector", "scan", "vision", "lm", "tokenizer"),
+                                    "with --init (the model is the checkpoint's)"))
+    elif r.preset == "tiny":
+        unused.update(dict.fromkeys(("vision", "lm", "tokenizer"), "with the tiny preset (trained from scratch)"))
+    for name in given:
+        if name in unused:
+            raise UserError(f"--{name.replace('_', '-')} has no effect {unused[name]}; leave it out")
 
 
 def gathered(tensor, keep=True):
@@ -333,14 +429,14 @@ def sharded_like_params(optimizer_state, optimizer):
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, device, autocast, batch_size=100):
+def evaluate(model, tokenizer, device, autocast, seed, batch_size=100):
     """Greedy exact-match accuracy per family on held-out scenes (a seed never used for training).
 
     Greedy decoding reproduces an answer exactly iff every answer token, end-of-text included, is
     the argmax given the ones before it; so we score all answers at once with one forward pass.
     """
     model.eval()
-    items = held_out_set(seed=10_000 + args.seed, per_family=args.eval_per_family)
+    items = held_out_set(seed=10_000 + seed, per_family=args.eval_per_family)
     correct = {family: 0 for family in FAMILIES}
     max_text = model.cfg.max_len - model.cfg.vision.num_patches
     for i in range(0, len(items), batch_size):
@@ -357,10 +453,14 @@ def evaluate(model, tokenizer, device, autocast, batch_size=100):
     return {family: correct[family] / args.eval_per_family for family in FAMILIES}
 
 
+def interrupted():
+    """What Ctrl-C leaves behind."""
+    if saved_step is not None:
+        return f"interrupted: the checkpoint of step {saved_step} in {args.out} is intact; continue with --resume"
+    if args.resume:
+        return f"interrupted: {args.out} is as it was; continue with --resume"
+    return "interrupted before the first checkpoint: nothing was saved"
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: the last checkpoint saved is intact; continue with --resume")
+    run(main, interrupted)

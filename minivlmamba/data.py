@@ -7,8 +7,9 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from minivlmamba.config import UserError
 from minivlmamba.templates import IGNORE, encode_conversation
@@ -18,8 +19,27 @@ PAD_ID = 1  # <|padding|>
 MAX_IMAGE_PIXELS = 8192 * 8192  # more than this is refused as a possible decompression bomb
 
 
+def eight_bit(img: Image.Image) -> Image.Image:
+    """A 16- or 32-bit grayscale image (modes I;16*, I, F) -> 8 bits (L), scaled as a viewer shows it (Pillow's
+    own conversion clips at 255, so most such images turn white); other modes as they are.
+    I;16: 16 bits. I (32-bit integers, and 16-bit PNGs in older Pillow): the smallest range of 8, 16 or 32
+    bits that holds its largest value. F: [0, 1] if it holds every value, else [0, 255]."""
+    if not img.mode.startswith(("I", "F")):
+        return img
+    values = np.asarray(img, dtype=np.float64)
+    top = values.max(initial=0)
+    if img.mode == "F":
+        full = 1.0 if top <= 1 else 255.0
+    elif img.mode == "I":
+        full = next(f for f in (255.0, 65535.0, 2.0**31 - 1) if top <= f)
+    else:  # I;16, I;16B, ...
+        full = 65535.0
+    return Image.fromarray((np.clip(values / full, 0, 1) * 255).round().astype(np.uint8))
+
+
 def load_image(path) -> Image.Image:
-    """Open an image file as RGB, or raise a UserError that says in one line what is wrong."""
+    """Open an image file as RGB, the way a viewer shows it (turned as its EXIF orientation says, 16-bit
+    values scaled to 8), or raise a UserError that says in one line what is wrong."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -27,7 +47,7 @@ def load_image(path) -> Image.Image:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
                     raise UserError(f"{path}: image too large ({img.width}x{img.height} pixels)")
                 img.load()
-                return to_rgb(img)
+                return to_rgb(eight_bit(ImageOps.exif_transpose(img)))
     except FileNotFoundError:
         raise UserError(f"{path}: no such image file") from None
     except IsADirectoryError:
@@ -38,14 +58,18 @@ def load_image(path) -> Image.Image:
         raise UserError(f"{path}: not a readable image ({e})") from None
 
 
-def image_in_folder(folder: Path, name) -> Image.Image:
-    """Load image `name` relative to the resolved `folder`; a name that escapes it is a UserError."""
+def image_path(folder: Path, name) -> Path:
+    """The path of image `name` relative to the resolved `folder`; a name that escapes it is a UserError."""
     if not isinstance(name, str):
         raise UserError(f"{name!r}: an image must be a file name")
     path = (folder / name).resolve()
     if not path.is_relative_to(folder):
         raise UserError(f"{name}: outside the image folder")
-    return load_image(path)
+    return path
+
+
+def image_in_folder(folder: Path, name) -> Image.Image:
+    return load_image(image_path(folder, name))
 
 
 def encode_sample(tokenizer, template, turns, max_text_len):
@@ -99,7 +123,10 @@ def conversation_turns(record) -> list:
 
 
 class LlavaDataset(torch.utils.data.Dataset):
-    """LLaVA-format samples -> (pixel_values (3, H, W), ids, labels), or None for a bad sample.
+    """LLaVA-format samples -> (pixel_values (3, H, W), ids, labels), or for a bad sample why it is bad.
+
+    `problems` says why each sample is bad that can be told without reading an image (a malformed
+    conversation, a missing image file); a data file with no other sample is a UserError.
 
     Text-only samples are shown a blank image (the mean colour, zeros after normalisation), so
     every sequence of a batch has the image tokens in the same place.
@@ -112,6 +139,20 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise UserError(f"{image_folder}: no such image folder")
         self.tokenizer, self.template = tokenizer, template
         self.vision_cfg, self.max_text_len = vision_cfg, max_text_len
+        self.problems = [problem for problem in map(self.problem, self.records) if problem]
+        if len(self.problems) == len(self.records):
+            raise UserError(f"{json_path}: none of its {len(self.records)} samples can be used (the first: "
+                            f"{self.problems[0]}); check the file and --image-folder")
+
+    def problem(self, record) -> str | None:
+        """Why the sample is bad, if its text or the existence of its image tell."""
+        try:
+            conversation_turns(record)
+            if "image" in record and not image_path(self.folder, record["image"]).is_file():
+                raise UserError(f"{self.folder / record['image']}: no such image file")
+        except (BadSample, UserError) as e:
+            return str(e)
+        return None
 
     def __len__(self):
         return len(self.records)
@@ -137,8 +178,8 @@ class LlavaDataset(torch.utils.data.Dataset):
             turns = conversation_turns(record)
             size = self.vision_cfg.image_size
             pixels = self.image(record["image"]) if "image" in record else torch.zeros(3, size, size)
-        except BadSample:
-            return None
+        except BadSample as e:
+            return str(e)
         return pixels, *encode_sample(self.tokenizer, self.template, turns, self.max_text_len)
 
 
@@ -160,8 +201,8 @@ def sample_order(lengths, batch_size, seed, group=True, window=64):
 
 
 def collate_good(samples):
-    """A DataLoader collate_fn: drop the bad samples (None), batch the rest, count the dropped."""
-    good = [s for s in samples if s is not None]
-    if not good:
-        return None, len(samples)
-    return collate([s[0] for s in good], [s[1:] for s in good]), len(samples) - len(good)
+    """A DataLoader collate_fn: drop the bad samples (their reasons, strings), batch the rest (None if none)
+    -> (batch, reasons)."""
+    good = [s for s in samples if not isinstance(s, str)]
+    bad = [s for s in samples if isinstance(s, str)]
+    return (collate([s[0] for s in good], [s[1:] for s in good]) if good else None), bad

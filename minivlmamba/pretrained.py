@@ -43,6 +43,7 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
+from minivlmamba.cli import ArgumentParser, one_line, run
 from minivlmamba.config import UserError
 from minivlmamba.mamba import MambaConfig, MambaLM
 from minivlmamba.vision import CLIP_L_336, SIGLIP_SO400M_384, VisionConfig, VisionTower
@@ -132,8 +133,8 @@ def resolve(path_or_repo_id: str, needs) -> Path:
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise UserError(f"{path}: not valid JSON ({one_line(e)})") from None
 
 
 def release_pages(tensor: torch.Tensor):
@@ -160,7 +161,7 @@ def read_file(path: Path, dtype=None, device=None) -> dict:
                 return {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in f.keys()}
         weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # safetensors and torch.load each fail in their own way on a corrupt file
-        raise UserError(f"{path}: unreadable weights ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: unreadable weights ({type(e).__name__}: {one_line(e)})") from None
     for name, tensor in weights.items():  # convert one tensor at a time, and let its file pages go
         weights[name] = tensor.to(device=device, dtype=dtype)
         if weights[name].data_ptr() != tensor.data_ptr():
@@ -308,15 +309,14 @@ def load_tokenizer(path_or_repo_id: str = "EleutherAI/gpt-neox-20b") -> Tokenize
     return Tokenizer.from_file(str(resolve(path_or_repo_id, TOKENIZER_FILES) / "tokenizer.json"))
 
 
-if __name__ == "__main__":
-    import argparse
+def main():
     import resource
 
-    parser = argparse.ArgumentParser(description="Load a pretrained Mamba (or, with --vision, a vision tower), "
-                                                 "read every weight once, and report the peak memory it took.")
+    parser = ArgumentParser(description="Load a pretrained Mamba (or, with --vision, a vision tower), read every "
+                                        "weight once, and report the peak memory it took.")
     parser.add_argument("path", help="a folder or a Hugging Face repo id")
     parser.add_argument("--vision", action="store_true", help="a CLIP or SigLIP checkpoint")
-    parser.add_argument("--dtype", help="e.g. bfloat16 (default: as stored)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: as stored")
     args = parser.parse_args()
     start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # GB (Linux reports kB)
     load = load_vision_tower if args.vision else load_mamba
@@ -327,3 +327,7 @@ if __name__ == "__main__":
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     print(f"{type(model).__name__}: {weights:.2f} GB of weights; peak RSS {peak:.2f} GB, {peak - start:.2f} GB "
           f"above the {start:.2f} GB at start = {(peak - start) / weights:.2f}x the weights")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -10,13 +10,13 @@ grouped, slices of the (k, b, p, r + 2n) projection. Times are medians of single
 without autograd, and forward + backward. The machine should be otherwise idle (`uptime`).
 """
 
-import argparse
 import platform
 import statistics
 import time
 
 import torch
 
+from minivlmamba.cli import ArgumentParser, Number, run
 from minivlmamba.scan import selective_scan_ref, selective_scan_torch
 
 SHAPES = [  # (name, b, di, l, n, g): g = 1 is the LM layer (ungrouped B, C, a gate z), g = 2 the connector
@@ -99,7 +99,7 @@ def bench_cpu_scan(args):
 
 
 def add_arguments(parser):
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls of each (the median is kept)")
+    parser.add_argument("--repeats", type=Number(int, 1), default=30, help="timed calls of each (the median is kept)")
 
 
 def add_parser(sub):
@@ -109,7 +109,6 @@ def add_parser(sub):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m minivlmamba.bench.cpu_scan", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m minivlmamba.bench.cpu_scan", description=__doc__)
     add_arguments(parser)
-    bench_cpu_scan(parser.parse_args())
+    run(lambda: bench_cpu_scan(parser.parse_args()))

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from minivlmamba.bench.common import copy_bandwidth
+from minivlmamba.cli import Number
 from minivlmamba.config import preset
 from minivlmamba.generate import CudaGraphDecoder, fused_step
 from minivlmamba.vlm import EOT_ID, VLMamba
@@ -157,8 +158,8 @@ def bench_generate(args):
 def add_parser(sub):
     generate = sub.add_parser("generate", help="decode speed of the paper's model shapes (random weights, bf16)")
     generate.add_argument("--preset", default="vl-mamba-2.8b", help="model shapes (minivlmamba.config.PRESETS)")
-    generate.add_argument("--prompt-tokens", type=int, default=32, help="text tokens after the image")
-    generate.add_argument("--new-tokens", type=int, default=256, help="tokens generated per request")
+    generate.add_argument("--prompt-tokens", type=Number(int, 1), default=32, help="text tokens after the image")
+    generate.add_argument("--new-tokens", type=Number(int, 1), default=256, help="tokens generated per request")
     generate.add_argument("--no-transformers", dest="transformers", action="store_false",
                           help="skip the comparison with transformers' MambaForCausalLM")
     generate.set_defaults(run=bench_generate)
