@@ -181,29 +181,33 @@ def answer_file(model, tokenizer):
     todo = [q for q in questions if q["question_id"] not in done]
     print(f"{len(questions)} questions, {len(done)} already answered, {len(todo)} to go", file=sys.stderr)
     skipped, t0 = 0, time.time()
-    with open(answers, "a") as out:
-        for start in range(0, len(todo), args.batch_size):
-            batch = []  # (question, Conversation) pairs whose image loaded
-            for q in todo[start:start + args.batch_size]:
-                try:
-                    batch.append((q, Conversation(model, tokenizer, image_in_folder(folder, q.get("image", "")))))
-                except UserError as e:
-                    skipped += 1
-                    print(f"skipped question {q['question_id']}: {e}", file=sys.stderr)
-            if batch:
-                pixel_values = torch.cat([chat.pixel_values for _, chat in batch])  # (b, 3, H, W)
-                prompts = [chat.prompt_ids(q["text"])[0].tolist() for q, chat in batch]
-                replies = model.generate_batch(pixel_values, prompts, args.max_new_tokens, args.temperature,
-                                               args.top_k, args.top_p)
-                for (q, _), reply in zip(batch, replies):
-                    out.write(json.dumps(dict(question_id=q["question_id"], prompt=q["text"],
-                                              text=tokenizer.decode(reply).strip(), answer_id=uuid.uuid4().hex,
-                                              model_id=Path(args.ckpt).name, metadata={})) + "\n")
-                out.flush()
-            i = min(start + args.batch_size, len(todo))
-            eta = (time.time() - t0) / i * (len(todo) - i)
-            print(f"\r{i}/{len(todo)} answered, {skipped} skipped, ETA {eta:.0f} s", end="", file=sys.stderr,
-                  flush=True)
+    try:
+        with open(answers, "a") as out:
+            for start in range(0, len(todo), args.batch_size):
+                batch = []  # (question, Conversation) pairs whose image loaded
+                for q in todo[start:start + args.batch_size]:
+                    try:
+                        batch.append((q, Conversation(model, tokenizer, image_in_folder(folder, q.get("image", "")))))
+                    except UserError as e:
+                        skipped += 1
+                        print(f"skipped question {q['question_id']}: {e}", file=sys.stderr)
+                if batch:
+                    pixel_values = torch.cat([chat.pixel_values for _, chat in batch])  # (b, 3, H, W)
+                    prompts = [chat.prompt_ids(q["text"])[0].tolist() for q, chat in batch]
+                    replies = model.generate_batch(pixel_values, prompts, args.max_new_tokens, args.temperature,
+                                                   args.top_k, args.top_p)
+                    for (q, _), reply in zip(batch, replies):
+                        out.write(json.dumps(dict(question_id=q["question_id"], prompt=q["text"],
+                                                  text=tokenizer.decode(reply).strip(), answer_id=uuid.uuid4().hex,
+                                                  model_id=Path(args.ckpt).name, metadata={})) + "\n")
+                    out.flush()
+                i = min(start + args.batch_size, len(todo))
+                eta = (time.time() - t0) / i * (len(todo) - i)
+                print(f"\r{i}/{len(todo)} answered, {skipped} skipped, ETA {eta:.0f} s", end="", file=sys.stderr,
+                      flush=True)
+    except OSError as e:  # a full disk, say: end the progress line, then say what to do
+        print(file=sys.stderr)
+        raise UserError(f"{answers}: cannot write ({e.strerror}); free space, then run again: it resumes") from None
     print(f"\nwrote {answers} ({skipped} questions skipped)", file=sys.stderr)
 
 

@@ -60,8 +60,9 @@ parser.add_argument("--out", default="out/tiny", help="checkpoint folder to writ
 fresh_or_not = parser.add_mutually_exclusive_group()
 fresh_or_not.add_argument("--resume", action="store_true",
                           help="continue the run saved in --out, with the flags it was started with (a flag "
-                               "given must agree; --device, --dtype, --fsdp, --workers, --grad-checkpointing, "
-                               "--log-every, --save-every and --eval-per-family may change)")
+                               "given must agree; --steps may go on to a new total, and --device, --dtype, --fsdp, "
+                               "--workers, --grad-checkpointing, --log-every, --save-every and --eval-per-family "
+                               "may change)")
 fresh_or_not.add_argument("--overwrite", action="store_true", help="replace the checkpoint already in --out")
 parser.add_argument("--data", help="LLaVA-format JSON file (default: the embedded shapes set)")
 parser.add_argument("--image-folder", help="folder the data file's images are relative to (default .)")
@@ -71,7 +72,8 @@ parser.add_argument("--vision", help="pretrained vision tower folder or repo id 
 parser.add_argument("--lm", help="pretrained Mamba folder or repo id (default: the preset's)")
 parser.add_argument("--tokenizer", help="tokenizer.json folder or repo id (paper presets; default "
                                         "EleutherAI/gpt-neox-20b)")
-parser.add_argument("--steps", type=Number(int, 1), help="optimizer steps (default: 3000 for shapes, 1 epoch of --data)")
+parser.add_argument("--steps", type=Number(int, 1),
+                    help="optimizer steps (default: 3000 for shapes, 1 epoch of --data)")
 parser.add_argument("--batch-size", type=Number(int, 1),
                     help="global batch (default: 16 shapes, 256 stage 1, 128 stage 2)")
 parser.add_argument("--grad-accum", type=Number(int, 1), help="micro-batches per step and process (default 1)")
@@ -102,7 +104,8 @@ parser.add_argument("--no-group-by-length", action="store_true", default=None,
 parser.add_argument("--seed", type=Number(int, 0, 2**63 - 1), help="default 0")
 parser.add_argument("--log-every", type=Number(int, 1), default=50)
 parser.add_argument("--save-every", type=Number(int, 1), default=500)
-parser.add_argument("--eval-per-family", type=Number(int, 1), default=200, help="held-out questions per family (shapes)")
+parser.add_argument("--eval-per-family", type=Number(int, 1), default=200,
+                    help="held-out questions per family (shapes)")
 args = parser.parse_args()
 saved_step = None  # the step of this run's last checkpoint (for the message on Ctrl-C)
 
@@ -150,9 +153,11 @@ def main():
     if args.resume:
         model, tokenizer = load_model(out)
         state = read_train_state(out, RECIPE)
-        recipe = state["recipe"]
+        recipe = {**state["recipe"], "steps": given.get("steps", state["recipe"]["steps"])}  # --steps: go on to it
         changed = [f"--{name.replace('_', '-')} {value} (the run's: {recipe[name]})"
                    for name, value in given.items() if value != recipe[name]]
+        if recipe["steps"] < state["step"]:
+            raise UserError(f"--steps {recipe['steps']}: the run in {out} is at step {state['step']} already")
         if changed:
             raise UserError(f"--resume continues the run in {out} with its own flags, so not with "
                             f"{', '.join(changed)}: leave them out, or start a new run from it with --init {out} "
@@ -202,9 +207,10 @@ def main():
                       lm=bool(cfg.lm_path))
     frozen_random = [part for part in COMPONENTS if part not in trained and not pretrained[part]]
     if frozen_random and not (args.resume or r.init):
-        raise UserError(f"the {' and '.join(frozen_random)} would stay as initialised, random and frozen: they have "
-                        f"no pretrained weights and a learning rate of 0; give {' and '.join(f'--lr-{p}' for p in frozen_random)} "
-                        "a rate, or use a preset with pretrained weights")
+        flags = " and ".join(f"--lr-{part}" for part in frozen_random)
+        raise UserError(f"the {' and '.join(frozen_random)} would stay as initialised, random and frozen: no "
+                        f"pretrained weights and a learning rate of 0; give {flags} a rate, or use a preset with "
+                        "pretrained weights")
     # a checkpoint holds what was trained and whatever no pretrained weights could rebuild
     saved = tuple(part for part in COMPONENTS if part in trained or not getattr(cfg, f"{part}_path", ""))
     batch_size = {0: 16, 1: 256, 2: 128}[stage] if r.batch_size is None else r.batch_size
@@ -378,7 +384,7 @@ def main():
 
     # ---------------------------------------------------------------- held-out evaluation
     if shapes and (master or args.fsdp):
-        accuracy = evaluate(raw_model, tokenizer, device, autocast, r.seed)  # FSDP: every process, its forward needs all
+        accuracy = evaluate(raw_model, tokenizer, device, autocast, r.seed)  # FSDP: every process, forward needs all
         log(f"\n{'family':<10} {'accuracy':>8}")
         for family in FAMILIES:
             log(f"{family:<10} {100 * accuracy[family]:7.1f}%")

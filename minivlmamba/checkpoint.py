@@ -49,8 +49,8 @@ def atomic_write(path: Path, write):
         full = isinstance(e, Exception) and disk_full(e, path.parent)
         tmp.unlink(missing_ok=True)
         if full:
-            raise UserError(f"{path.parent}: disk full while saving {path.name} (the previous one is intact); "
-                            "free some space") from None
+            raise UserError(f"{path.parent}: disk full while saving {path.name} (the one saved before, if any, is "
+                            "intact); free some space") from None
         raise
 
 
@@ -98,7 +98,8 @@ def read_train_state(folder, recipe) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated, empty, garbage, a refused pickle: each its own exception
-        raise UserError(f"{path}: unreadable ({type(e).__name__}: {one_line(e)}); start over with --overwrite") from None
+        raise UserError(f"{path}: unreadable ({type(e).__name__}: {one_line(e)}); start over with --overwrite") \
+            from None
     ours = isinstance(state, dict) and set(state) == TRAIN_STATE and isinstance(state["step"], int)
     if not ours or not isinstance(state["recipe"], dict) or set(state["recipe"]) != set(recipe):
         raise UserError(f"{path}: not the train state of a minivlmamba run; start over with --overwrite")

@@ -112,8 +112,10 @@ def output_file(path, flag) -> Path:
 
 
 def disk_full(error: BaseException, folder) -> bool:
-    """Whether a failed write failed for lack of space (torch.save says only "unexpected pos")."""
-    return getattr(error, "errno", None) == errno.ENOSPC or shutil.disk_usage(folder).free < 2**20
+    """Whether a write failed for lack of space: an OSError says so, safetensors' error quotes the OS, and
+    torch.save says only "unexpected pos" (but leaves its partial file, so the disk is still full)."""
+    return (getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
+            or shutil.disk_usage(folder).free < 2**20)
 
 
 def run(main, interrupted=lambda: None):

@@ -94,7 +94,7 @@ def _state_inputs(k, A_col, B_row, C_row, h0_col, carry_in, tt, md, mo, s_Bn, s_
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, h0_ptr, carry_ptr,
     du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
-    DI, L, LP, N, GROUP, G,
+    DI, L, LP, N: tl.constexpr, GROUP, G,
     s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_ob, s_od,
     s_dub, s_dud, s_dtb, s_dtd, s_dzb, s_dzd,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -158,8 +158,7 @@ def _scan_bwd_kernel(
         tt = t[None, :] + 0 * d[:, None]  # (BLOCK_D, CHUNK) the steps, in the tile's shape
         h0_chunk = h0_col + c * DI * N  # (BLOCK_D,) the states saved at the chunk's start
         A, Bk, Ck, h0, dh_in = _state_inputs(0, A_col, B_row, C_row, h0_chunk, carry_in, tt, md, mo, s_Bn, s_Cn)
-        k = 0
-        while k < N:
+        for k in range(N):  # N a constexpr: the compiler knows the trip count
             # issue the loads of state k + 1 now, so that they arrive while state k computes (after
             # the last state, state 0 again: a valid address, the values unused). Measured only as part
             # of the whole v6 kernel, not on its own (notes/scan-kernels.md)
@@ -185,7 +184,6 @@ def _scan_bwd_kernel(
             dhaA += dh * A
             tl.atomic_add(dA_col + k, tl.sum(dh * dt, axis=1), mask=md, sem="relaxed")
             A, Bk, Ck, h0, dh_in = A_nxt, B_nxt, C_nxt, h0_nxt, dh_nxt
-            k += 1
 
         ddt = u * dhB + dhaA
         du = dt * dhB

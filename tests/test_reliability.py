@@ -27,7 +27,8 @@ from test_cli import QUICK, ROOT, assert_one_line_error, checkpoint, run  # noqa
 
 
 def test_number_flags_take_only_their_range():
-    steps, lr, warmup, top_p = Number(int, 1), Number(float, above=0), Number(float, 0, 1), Number(float, high=1, above=0)
+    steps, lr, warmup = Number(int, 1), Number(float, above=0), Number(float, 0, 1)
+    top_p = Number(float, high=1, above=0)
     assert (steps("3"), lr("1e-4"), warmup("0"), top_p("1")) == (3, 1e-4, 0.0, 1.0)
     for number, text in [(steps, "0"), (steps, "-5"), (steps, "2.5"), (lr, "0"), (lr, "-1"), (lr, "nan"),
                          (lr, "inf"), (warmup, "1.5"), (top_p, "0"), (steps, "many")]:
@@ -266,7 +267,8 @@ def test_bad_output_paths_are_found_before_the_model_loads(checkpoint, tmp_path)
 def test_a_torn_last_answer_line_is_dropped(checkpoint, tmp_path):  # noqa: F811
     Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
     questions, answers = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
-    questions.write_text("".join(json.dumps(dict(question_id=i, image="a.png", text="Colour?")) + "\n" for i in range(3)))
+    questions.write_text("".join(json.dumps(dict(question_id=i, image="a.png", text="Colour?")) + "\n"
+                                 for i in range(3)))
     answers.write_text(json.dumps(dict(question_id=0, text="red")) + '\n{"question_id": 1, "prom')  # cut by a kill
     run("chat.py", "--ckpt", checkpoint, "--questions", questions, "--answers", answers, "--image-folder", tmp_path,
         "--max-new-tokens", 2)
@@ -284,7 +286,8 @@ def test_16_and_32_bit_grayscale_images_are_scaled_to_8_bits(tmp_path):
     for name in ("16.png", "16-in-32.tif", "32.tif", "float.tif"):
         image = load_image(tmp_path / name)
         values = np.asarray(image)
-        assert image.mode == "RGB" and abs(values.mean() - 127.5) < 2 and values.min() == 0 and values.max() == 255, name
+        assert image.mode == "RGB" and abs(values.mean() - 127.5) < 2, name
+        assert values.min() == 0 and values.max() == 255, name
 
 
 def test_the_exif_orientation_is_applied(tmp_path):

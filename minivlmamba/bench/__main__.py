@@ -14,7 +14,8 @@ def main():
         command.add_parser(sub)
     args = parser.parse_args()
     if args.command != "cpu-scan" and not torch.cuda.is_available():
-        raise UserError(f"`{args.command}` times CUDA kernels and this machine has no CUDA GPU (cpu-scan runs on the CPU)")
+        raise UserError(f"`{args.command}` times CUDA kernels, and this machine has no CUDA GPU (cpu-scan runs on "
+                        "the CPU)")
     args.run(args)
 
 

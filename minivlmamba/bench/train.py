@@ -227,8 +227,10 @@ def bench_train(args):
 def add_parser(sub):
     train = sub.add_parser("train", help="stage-2 training steps of the paper's model shapes: tokens/s, MFU, memory")
     train.add_argument("--preset", default="vl-mamba-2.8b", help="model shapes (minivlmamba.config.PRESETS)")
-    train.add_argument("--text-tokens", type=Number(int, 1), default=300, help="text tokens after the image in each sample")
-    train.add_argument("--micro-batch", type=Number(int, 1), help="samples a forward + backward and GPU (default: the largest "
+    train.add_argument("--text-tokens", type=Number(int, 1), default=300,
+                       help="text tokens after the image in each sample")
+    train.add_argument("--micro-batch", type=Number(int, 1),
+                       help="samples a forward + backward and GPU (default: the largest "
                        "that fits)")
     train.add_argument("--checkpointing", choices=["no", "yes", "both"], default="both",
                        help="gradient checkpointing of the LM blocks")
@@ -236,7 +238,8 @@ def add_parser(sub):
     train.add_argument("--global-batch", type=Number(int, 1), default=128,
                        help="samples a step, all GPUs together (the paper's stage 2: 128)")
     train.add_argument("--steps", type=Number(int, 1), default=2, help="timed optimizer steps, after one warm-up")
-    train.add_argument("--peak-tflops", type=Number(float, above=0), help="the card's dense bf16 peak (default: known H100/H200)")
+    train.add_argument("--peak-tflops", type=Number(float, above=0),
+                       help="the card's dense bf16 peak (default: known H100/H200)")
     train.add_argument("--profile", action="store_true",
                        help="also list the kernels of one micro-batch and the optimizer (no checkpointing)")
     train.set_defaults(run=bench_train)
