@@ -131,8 +131,10 @@ def test_loss_counts_only_labelled_positions():
 
 def test_save_load_round_trip_is_exact(tmp_path):
     torch.manual_seed(0)
-    model = VLMamba(tiny_config(connector="vss-mlp", scan="csm")).eval()
     tokenizer = train_tokenizer("zephyr")
+    cfg = tiny_config(connector="vss-mlp", scan="csm")
+    cfg.lm = dataclasses.replace(cfg.lm, vocab_size=tokenizer.get_vocab_size())  # a row for every token
+    model = VLMamba(cfg).eval()
     save_model(tmp_path, model, tokenizer)
     loaded, loaded_tokenizer = load_model(tmp_path)
     assert loaded.cfg == model.cfg
