@@ -3,6 +3,7 @@
     python chat.py --demo                                  # a fresh shapes scene, interactive
     python chat.py --image photo.png -p "What is this?"    # one question, print the answer, exit
     python chat.py --questions q.jsonl --answers a.jsonl --image-folder images/   # benchmark answers
+    python chat.py --web                                   # a local web page (pip install -e ".[web]")
 
 Interactive commands: /image PATH switches the image, /clear starts a new conversation, quit (or
 Ctrl-D / Ctrl-C) exits. The model reads the image and each question once; its recurrent state
@@ -37,6 +38,9 @@ parser.add_argument("--questions", help="question file (JSONL: question_id, imag
 parser.add_argument("--answers", help="answers file (JSONL) to write; an interrupted one is resumed")
 parser.add_argument("--image-folder", default=".", help="folder the question file's images are relative to")
 parser.add_argument("--batch-size", type=int, default=8, help="questions of --questions decoded together")
+parser.add_argument("--web", action="store_true", help="serve a chat page in the browser instead (Gradio)")
+parser.add_argument("--host", default="127.0.0.1", help="address --web listens on (0.0.0.0: every network)")
+parser.add_argument("--port", type=int, default=7860, help="port --web listens on")
 parser.add_argument("--max-new-tokens", type=int, default=128)
 parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
 parser.add_argument("--top-k", type=int, default=0)
@@ -46,11 +50,15 @@ parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else
 args = parser.parse_args()
 
 
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
 class Conversation:
     """One image and the recurrent state of everything said about it so far."""
 
-    def __init__(self, model, tokenizer, image):
-        self.model, self.tokenizer, self.cache = model, tokenizer, None
+    def __init__(self, model, tokenizer, image, warn=warn):
+        self.model, self.tokenizer, self.cache, self.warn = model, tokenizer, None, warn
         self.pixel_values = model.vision.preprocess([image]).to(args.device)
 
     def prompt_ids(self, question):
@@ -58,12 +66,13 @@ class Conversation:
         ids = self.tokenizer.encode(prompt_text(question, cfg.template, first_turn=self.cache is None)).ids
         budget = cfg.max_len - cfg.vision.num_patches
         if len(ids) > budget:
-            print(f"warning: prompt of {len(ids)} tokens truncated to the model's budget of {budget}", file=sys.stderr)
+            self.warn(f"prompt of {len(ids)} tokens truncated to the model's budget of {budget}")
             ids = ids[-budget:]
         return torch.tensor([ids], device=args.device)
 
-    def ask(self, question):
-        """Yield the answer as text pieces while it is generated."""
+    def ask(self, question, sampling=args):
+        """Yield the answer as text pieces while it is generated; `sampling` has max_new_tokens,
+        temperature, top_k and top_p (chat.py's flags, or the web page's sliders)."""
         ids = self.prompt_ids(question)
         if self.cache is None:
             self.cache = self.model.lm.allocate_cache(1)
@@ -71,7 +80,8 @@ class Conversation:
         else:
             logits = self.model.extend(ids, self.cache)
         tokens, shown = [], ""
-        answer = self.model.generate(logits, self.cache, args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        answer = self.model.generate(logits, self.cache, sampling.max_new_tokens, sampling.temperature,
+                                     sampling.top_k, sampling.top_p)
         for token in answer:
             tokens.append(token.item())
             text = self.tokenizer.decode(tokens)  # the end-of-text token is special: decode skips it
@@ -195,6 +205,9 @@ def main():
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.ckpt, args.device)
+    if args.web:
+        from minivlmamba.web import serve  # here: Gradio is an optional extra
+        return serve(model, tokenizer, Conversation, args)
     if args.questions:
         return answer_file(model, tokenizer)
     if args.image and args.demo:
