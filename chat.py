@@ -11,6 +11,7 @@ carries the conversation, so every new token costs the same however long the cha
 """
 
 import argparse
+import importlib.util
 import json
 import random
 import sys
@@ -204,10 +205,12 @@ def answer_file(model, tokenizer):
 def main():
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.ckpt, args.device)
     if args.web:
-        from minivlmamba.web import serve  # here: Gradio is an optional extra
-        return serve(model, tokenizer, Conversation, args)
+        if importlib.util.find_spec("gradio") is None:
+            raise UserError('--web needs Gradio, an optional extra: pip install -e ".[web]"')
+        from minivlmamba.web import serve  # here: only this mode imports Gradio
+        return serve(*load_model(args.ckpt, args.device), Conversation, args)
+    model, tokenizer = load_model(args.ckpt, args.device)
     if args.questions:
         return answer_file(model, tokenizer)
     if args.image and args.demo:

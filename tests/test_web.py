@@ -14,7 +14,7 @@ import sys
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from test_cli import ROOT, bad_images, run  # noqa: F401 (bad_images: the terminal tests' bad files, a fixture)
+from test_cli import ROOT, assert_one_line_error, bad_images, run  # noqa: F401 (bad_images: a fixture)
 
 from minivlmamba.shapes import make_scene, render
 
@@ -111,6 +111,12 @@ def test_bad_uploads_give_a_message_and_the_next_request_works(server, checkpoin
             client.predict(handle_file(path), api_name="/upload")
         assert str(error.value).startswith(path.name) and "/tmp" not in str(error.value)  # the user's name
     assert ask(client, QUESTION) == expected[1]  # the conversation went on about the good image
+
+
+def test_a_taken_port_is_a_one_line_error(server, checkpoint):
+    port = server.rsplit(":", 1)[1].strip("/")
+    result = run("chat.py", "--web", "--ckpt", checkpoint, "--port", port, check=False)
+    assert_one_line_error(result, "cannot serve", port)
 
 
 def test_two_tabs_keep_their_own_conversations(server, checkpoint, tmp_path):
