@@ -3,6 +3,7 @@
     python chat.py --demo                                  # a fresh shapes scene, interactive
     python chat.py --image photo.png -p "What is this?"    # one question, print the answer, exit
     python chat.py --questions q.jsonl --answers a.jsonl --image-folder images/   # benchmark answers
+    python chat.py --web                                   # a local web page (pip install -e ".[web]")
 
 Interactive commands: /image PATH switches the image, /clear starts a new conversation, quit (or
 Ctrl-D / Ctrl-C) exits. The model reads the image and each question once; its recurrent state
@@ -13,6 +14,7 @@ import signal
 
 signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch loads just stops (cli.run catches it later)
 
+import importlib.util
 import json
 import random
 import sys
@@ -40,6 +42,9 @@ parser.add_argument("--questions", help="question file (JSONL: question_id, imag
 parser.add_argument("--answers", help="answers file (JSONL) to write; an interrupted one is resumed")
 parser.add_argument("--image-folder", default=".", help="folder the question file's images are relative to")
 parser.add_argument("--batch-size", type=Number(int, 1), default=8, help="questions of --questions decoded together")
+parser.add_argument("--web", action="store_true", help="serve a chat page in the browser instead (Gradio)")
+parser.add_argument("--host", default="127.0.0.1", help="address --web listens on (0.0.0.0: every network)")
+parser.add_argument("--port", type=Number(int, 1, 65535), default=7860, help="port --web listens on")
 parser.add_argument("--max-new-tokens", type=Number(int, 1), default=128)
 parser.add_argument("--temperature", type=Number(float, 0), default=0.0, help="0 = greedy")
 parser.add_argument("--top-k", type=Number(int, 0), default=0, help="0 = all tokens")
@@ -49,11 +54,15 @@ parser.add_argument("--device", type=device, default="auto", help="cpu, cuda, cu
 args = parser.parse_args()
 
 
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
 class Conversation:
     """One image and the recurrent state of everything said about it so far."""
 
-    def __init__(self, model, tokenizer, image):
-        self.model, self.tokenizer, self.cache = model, tokenizer, None
+    def __init__(self, model, tokenizer, image, warn=warn):
+        self.model, self.tokenizer, self.cache, self.warn = model, tokenizer, None, warn
         self.pixel_values = model.vision.preprocess([image]).to(args.device)
 
     def prompt_ids(self, question):
@@ -61,12 +70,13 @@ class Conversation:
         ids = self.tokenizer.encode(prompt_text(question, cfg.template, first_turn=self.cache is None)).ids
         budget = cfg.max_len - cfg.vision.num_patches
         if len(ids) > budget:
-            print(f"warning: prompt of {len(ids)} tokens truncated to the model's budget of {budget}", file=sys.stderr)
+            self.warn(f"prompt of {len(ids)} tokens truncated to the model's budget of {budget}")
             ids = ids[-budget:]
         return torch.tensor([ids], device=args.device)
 
-    def ask(self, question):
-        """Yield the answer as text pieces while it is generated."""
+    def ask(self, question, sampling=args):
+        """Yield the answer as text pieces while it is generated; `sampling` has max_new_tokens,
+        temperature, top_k and top_p (chat.py's flags, or the web page's sliders)."""
         ids = self.prompt_ids(question)
         if self.cache is None:
             self.cache = self.model.lm.allocate_cache(1)
@@ -74,7 +84,8 @@ class Conversation:
         else:
             logits = self.model.extend(ids, self.cache)
         tokens, shown = [], ""
-        answer = self.model.generate(logits, self.cache, args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        answer = self.model.generate(logits, self.cache, sampling.max_new_tokens, sampling.temperature,
+                                     sampling.top_k, sampling.top_p)
         for token in answer:
             tokens.append(token.item())
             text = self.tokenizer.decode(tokens)  # the end-of-text token is special: decode skips it
@@ -228,6 +239,11 @@ def check_outputs():
 def main():
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    if args.web:
+        if importlib.util.find_spec("gradio") is None:
+            raise UserError('--web needs Gradio, an optional extra: pip install -e ".[web]"')
+        from minivlmamba.web import serve  # here: only this mode imports Gradio
+        return serve(*load_model(args.ckpt, args.device), Conversation, args)
     if args.prompt is not None:
         check_text(args.prompt, "-p")
     check_outputs()
