@@ -45,6 +45,7 @@ from minivlmamba.connector import CONNECTORS, SCANS
 from minivlmamba.data import LlavaDataset, collate, collate_good, encode_sample, sample_order
 from minivlmamba.pretrained import load_tokenizer
 from minivlmamba.shapes import FAMILIES, held_out_set, pretrain_tower, train_tokenizer, training_sample
+from minivlmamba.templates import encode_turn
 from minivlmamba.vlm import peak_bf16_flops
 
 # The flags that decide what a run computes, with their defaults. The parser leaves them None when not
@@ -78,7 +79,7 @@ parser.add_argument("--batch-size", type=Number(int, 1),
                     help="global batch (default: 16 shapes, 256 stage 1, 128 stage 2)")
 parser.add_argument("--grad-accum", type=Number(int, 1), help="micro-batches per step and process (default 1)")
 parser.add_argument("--lr", type=Number(float, above=0),
-                    help="peak learning rate (default: 5e-4 shapes, 1e-3 stage 1, 2e-5 stage 2)")
+                    help="peak learning rate (default: 1e-3 shapes and stage 1, 2e-5 stage 2)")
 parser.add_argument("--lr-vision", type=Number(float, 0),
                     help="vision tower lr (0 = frozen; frozen unless --tower-steps 0)")
 parser.add_argument("--lr-connector", type=Number(float, 0), help="connector lr (0 = frozen; default --lr)")
@@ -197,7 +198,7 @@ def main():
         raise UserError(f"preset {r.preset!r} is trained on LLaVA data: give --data and --image-folder")
     stage = 0 if shapes else r.stage
     template = "plain" if stage == 1 else cfg.template  # stage 1 learns captions, not conversations
-    lr = {0: 5e-4, 1: 1e-3, 2: 2e-5}[stage] if r.lr is None else r.lr
+    lr = {0: 1e-3, 1: 1e-3, 2: 2e-5}[stage] if r.lr is None else r.lr
     # the tower is frozen (unless shapes trains it from scratch), the LM in stage 1
     defaults = dict(vision=lr * (stage == 0 and r.tower_steps == 0), connector=lr, lm=lr * (stage != 1))
     lrs = {part: defaults[part] if getattr(r, f"lr_{part}") is None else getattr(r, f"lr_{part}")
@@ -276,12 +277,15 @@ def main():
     if shapes:
         steps = r.steps or 3000
 
+        def turn_length(*turn):
+            return sum(map(len, encode_turn(tokenizer, template, *turn)))
+
         def micro_batches(step):
             for i in range(r.grad_accum):
                 rng = random.Random(f"{r.seed}-{step}-{i}-{rank}")
                 pixels, encoded = [], []
                 for _ in range(micro):
-                    image, turns = training_sample(rng)
+                    image, turns = training_sample(rng, max_text, turn_length)
                     pixels.append(raw_model.vision.preprocess([image])[0])
                     encoded.append(encode_sample(tokenizer, template, turns, max_text))
                 yield collate(pixels, encoded), []

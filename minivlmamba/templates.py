@@ -36,12 +36,17 @@ def prompt_text(question: str, template: str, first_turn: bool = True) -> str:
     return ("" if first_turn else t.separator) + t.user.format(q=question.replace("<image>", "").strip())
 
 
+def encode_turn(tokenizer, template: str, question: str, answer: str, first_turn: bool):
+    """One (question, answer) turn -> (prompt ids, reply ids); the loss is on the reply alone."""
+    return (tokenizer.encode(prompt_text(question, template, first_turn)).ids,
+            tokenizer.encode(answer.strip() + EOT).ids)
+
+
 def encode_conversation(tokenizer, turns, template: str):
     """turns: [(question, answer), ...] -> (ids, labels), two equal-length lists of ints."""
     ids, labels = [], []
     for i, (question, answer) in enumerate(turns):
-        prompt = tokenizer.encode(prompt_text(question, template, i == 0)).ids
-        reply = tokenizer.encode(answer.strip() + EOT).ids
+        prompt, reply = encode_turn(tokenizer, template, question, answer, i == 0)
         ids += prompt + reply
         labels += [IGNORE] * len(prompt) + reply
     return ids, labels

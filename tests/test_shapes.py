@@ -7,8 +7,13 @@ import torch
 
 from minivlmamba import preset
 from minivlmamba.shapes import (COLOURS, FAMILIES, Shape, caption, held_out_set, is_held_out, make_scene, patch_targets,
-                                pretrain_tower, training_sample)
+                                pretrain_tower, train_tokenizer, training_sample)
+from minivlmamba.templates import encode_conversation, encode_turn
 from minivlmamba.vision import VisionTower
+
+
+def characters(question, answer, first_turn):
+    return len(question) + len(answer)
 
 
 def test_training_scenes_never_use_a_held_out_layout():
@@ -20,9 +25,27 @@ def test_training_scenes_never_use_a_held_out_layout():
 def test_captions_and_questions_take_the_right_article():
     scene = (Shape("orange", "circle", 0), Shape("red", "cross", 4))
     assert caption(scene) == "an orange circle and a red cross."
-    questions = [q for _, turns in (training_sample(random.Random(i), max_turns=4) for i in range(300)) for q, _ in turns]
+    questions = [q for _, turns in (training_sample(random.Random(i), 200, characters) for i in range(300)) for q, _ in turns]
     assert not any(f"a {c}" in q for q in questions for c in COLOURS if c[0] in "aeiou")
     assert any("an orange" in q for q in questions)
+
+
+def test_training_samples_fill_the_budget_with_questions_about_one_scene():
+    tokenizer = train_tokenizer("zephyr")
+
+    def length(*turn):
+        return sum(map(len, encode_turn(tokenizer, "zephyr", *turn)))
+
+    counts = Counter()
+    for i in range(200):
+        _, turns = training_sample(random.Random(i), 87, length)
+        ids, _ = encode_conversation(tokenizer, turns, "zephyr")
+        assert len(ids) <= 87 or len(turns) == 1  # a first question always, even one that is cut
+        counts[len(turns)] += 1
+    assert 4 <= sum(n * c for n, c in counts.items()) / 200 <= 6 and min(counts) >= 1
+    _, turns = training_sample(random.Random(0), 1, length)
+    assert len(turns) == 1
+    assert training_sample(random.Random(5), 87, length)[1] == training_sample(random.Random(5), 87, length)[1]
 
 
 def test_patch_targets_name_each_patch_object_and_cell():
