@@ -87,7 +87,7 @@ def test_resume_keeps_the_runs_flags_and_nothing_is_overwritten(tmp_path):
     refused = run("train.py", *QUICK, "--out", out, check=False)  # the README's first command, run again
     assert_one_line_error(refused, "--resume", "--out", "--overwrite")
     assert (out / "model.safetensors").read_bytes() == weights
-    assert_one_line_error(run("train.py", "--out", out, "--resume", "--lr", "0.1", check=False), "--lr 0.1", "0.0005")
+    assert_one_line_error(run("train.py", "--out", out, "--resume", "--lr", "0.1", check=False), "--lr 0.1", "0.001")
 
     state = torch.load(out / "train_state.pt", weights_only=True)
     state["step"] = 4  # as if killed half-way
