@@ -52,7 +52,7 @@ from minivlmamba.vlm import peak_bf16_flops
 # given; they are saved with the run, and --resume keeps them (a flag given must agree with them).
 RECIPE = dict(preset="tiny", data=None, image_folder=".", stage=1, init=None, vision=None, lm=None,
               tokenizer="EleutherAI/gpt-neox-20b", steps=None, batch_size=None, grad_accum=1, lr=None,
-              lr_vision=None, lr_connector=None, lr_lm=None, tower_steps=300, warmup=0.03, weight_decay=0.0,
+              lr_vision=None, lr_connector=None, lr_lm=None, tower_steps=300, warmup=None, weight_decay=0.0,
               grad_clip=1.0, connector=None, scan=None, no_group_by_length=False, seed=0)
 
 parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
@@ -74,12 +74,12 @@ parser.add_argument("--lm", help="pretrained Mamba folder or repo id (default: t
 parser.add_argument("--tokenizer", help="tokenizer.json folder or repo id (paper presets; default "
                                         "EleutherAI/gpt-neox-20b)")
 parser.add_argument("--steps", type=Number(int, 1),
-                    help="optimizer steps (default: 3000 for shapes, 1 epoch of --data)")
+                    help="optimizer steps (default: 2500 for shapes, 1 epoch of --data)")
 parser.add_argument("--batch-size", type=Number(int, 1),
                     help="global batch (default: 16 shapes, 256 stage 1, 128 stage 2)")
 parser.add_argument("--grad-accum", type=Number(int, 1), help="micro-batches per step and process (default 1)")
 parser.add_argument("--lr", type=Number(float, above=0),
-                    help="peak learning rate (default: 1e-3 shapes and stage 1, 2e-5 stage 2)")
+                    help="peak learning rate (default: 1.2e-3 shapes, 1e-3 stage 1, 2e-5 stage 2)")
 parser.add_argument("--lr-vision", type=Number(float, 0),
                     help="vision tower lr (0 = frozen; frozen unless --tower-steps 0)")
 parser.add_argument("--lr-connector", type=Number(float, 0), help="connector lr (0 = frozen; default --lr)")
@@ -88,7 +88,8 @@ parser.add_argument("--lr-lm", type=Number(float, 0),
 parser.add_argument("--tower-steps", type=Number(int, 0),
                     help="shapes: steps pretraining the tower to name each patch's object and cell, then frozen "
                          "(0: no pretraining, the tower trains with the rest; default 300)")
-parser.add_argument("--warmup", type=Number(float, 0, 1), help="fraction of steps of linear warmup (default 0.03)")
+parser.add_argument("--warmup", type=Number(float, 0, 1),
+                    help="fraction of steps of linear warmup (default: 0.1 shapes, 0.03 LLaVA data)")
 parser.add_argument("--weight-decay", type=Number(float, 0), help="default 0")
 parser.add_argument("--grad-clip", type=Number(float, above=0), help="the gradients' largest norm (default 1)")
 parser.add_argument("--grad-checkpointing", action="store_true", help="recompute each LM block in the backward")
@@ -198,7 +199,8 @@ def main():
         raise UserError(f"preset {r.preset!r} is trained on LLaVA data: give --data and --image-folder")
     stage = 0 if shapes else r.stage
     template = "plain" if stage == 1 else cfg.template  # stage 1 learns captions, not conversations
-    lr = {0: 1e-3, 1: 1e-3, 2: 2e-5}[stage] if r.lr is None else r.lr
+    lr = {0: 1.2e-3, 1: 1e-3, 2: 2e-5}[stage] if r.lr is None else r.lr
+    r.warmup = (0.1 if shapes else 0.03) if r.warmup is None else r.warmup  # LLaVA's 3%
     # the tower is frozen (unless shapes trains it from scratch), the LM in stage 1
     defaults = dict(vision=lr * (stage == 0 and r.tower_steps == 0), connector=lr, lm=lr * (stage != 1))
     lrs = {part: defaults[part] if getattr(r, f"lr_{part}") is None else getattr(r, f"lr_{part}")
@@ -275,7 +277,7 @@ def main():
     # sees exactly the batches the interrupted one would have seen, whatever the number of processes.
     max_text = cfg.max_len - cfg.vision.num_patches
     if shapes:
-        steps = r.steps or 3000
+        steps = r.steps or 2500
 
         def turn_length(*turn):
             return sum(map(len, encode_turn(tokenizer, template, *turn)))

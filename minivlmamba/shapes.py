@@ -202,8 +202,8 @@ def pretrain_tower(tower, steps: int, batch_size: int = 64, lr: float = 1e-3, se
     drawn from their own seed. The head is then thrown away and train.py freezes the tower, as the
     paper freezes its pretrained one. Why these two targets (notes/tiny-default.md): trained on
     colour and shape alone, the features say what a patch shows but not where (a linear probe finds
-    the cell no better than chance), and they name colour and shape apart, so that the LM has to
-    learn to bind them before it can find "the red circle" among a red square and a blue circle.
+    the cell no better than chance). Colour and shape are named together, as one of 24 objects, so
+    that "the red circle" is one feature (in the sweeps about as good as naming them apart).
     Returns the share of held-out patches whose object and cell are both right.
     """
     sizes = (len(COLOURS) * len(SHAPES) + 1, 9)

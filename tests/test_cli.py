@@ -167,5 +167,6 @@ def test_malformed_question_file(checkpoint, tmp_path):
     assert_one_line_error(result, "none.jsonl")
 
 
-def test_unknown_preset():
-    assert_one_line_error(run("train.py", "--preset", "gpt-5", check=False), "unknown preset", "tiny")
+def test_unknown_preset(tmp_path):  # its own --out: out/tiny may hold the user's model
+    result = run("train.py", "--preset", "gpt-5", "--out", tmp_path / "out", check=False)
+    assert_one_line_error(result, "unknown preset", "tiny")
