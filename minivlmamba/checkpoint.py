@@ -25,6 +25,7 @@ from minivlmamba.cli import disk_full, one_line
 from minivlmamba.config import UserError, VLMConfig
 from minivlmamba.connector import CONNECTORS, SCANS
 from minivlmamba.pretrained import load_state_dict_strict
+from minivlmamba.scan import BACKENDS
 from minivlmamba.mamba import MambaLM
 from minivlmamba.templates import TEMPLATES
 from minivlmamba.vision import ACTIVATIONS, VisionTower
@@ -109,7 +110,7 @@ def read_train_state(folder, recipe) -> dict:
 # the hand-editable values of config.json that must be one of a few names
 CHOICES = {("connector",): CONNECTORS, ("scan",): SCANS, ("template",): tuple(TEMPLATES),
            ("vision", "act"): tuple(ACTIVATIONS), ("vision", "resize"): ("squash", "crop", "pad"),
-           ("lm", "scan_backend"): ("auto", "triton", "torch", "ref")}
+           ("lm", "scan_backend"): ("auto", *BACKENDS)}
 
 
 def check_config(cfg: VLMConfig, source):

@@ -29,6 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from minivlmamba import cpu_scan
+
+BACKENDS = ("triton", "c", "torch", "ref")
+
 
 def _per_channel(BC: torch.Tensor, di: int) -> torch.Tensor:
     """Expand B or C to one row per channel: (b, n, l) or (b, g, n, l) -> (b, di, n, l)."""
@@ -194,14 +198,15 @@ def _states(a, du, B, h, out):
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         return_last_state=False):
+                         return_last_state=False, kernel=_SelectiveScan):
     """The same scan, exact, 2-4x faster than the reference on a CPU (same arguments; `bench cpu-scan`).
 
-    The recurrence and its hand-written backward are `_SelectiveScan`, on time-first copies of the
-    inputs. The bias, softplus, skip and gate around it work on (b, di, l) tensors, n times smaller,
-    and are left to autograd; the skip and gate take (b, di, l) views of the time-first tensors, so
-    that all their operands share one memory layout (an elementwise op over operands laid out
-    differently is up to 10x slower).
+    The recurrence and its hand-written backward are `kernel` (`_SelectiveScan`, or the C kernel
+    `cpu_scan.CScan` for `selective_scan_c`), on time-first copies of the inputs. The bias,
+    softplus, skip and gate around it work on (b, di, l) tensors, n times smaller, and are left to
+    autograd; the skip and gate take (b, di, l) views of the time-first tensors, so that all their
+    operands share one memory layout (an elementwise op over operands laid out differently is up to
+    10x slower).
     """
     dtype_in = u.dtype
     time_first = lambda X: X.float().movedim(-1, 0).contiguous()  # (b, ..., l) -> (l, b, ...)
@@ -209,9 +214,17 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     view = lambda X: X.permute(1, 2, 0)  # (l, b, di) -> (b, di, l), a view
     u = time_first(u)  # (l, b, di)
     delta = time_first(_softplus_delta(delta, delta_bias, delta_softplus))  # (l, b, di)
-    y, last = _SelectiveScan.apply(u, delta, A.float(), time_first(grouped(B)), time_first(grouped(C)))
+    y, last = kernel.apply(u, delta, A.float().contiguous(), time_first(grouped(B)), time_first(grouped(C)))
     out = _skip_and_gate(view(y), view(u), D, None if z is None else view(time_first(z))).to(dtype_in)  # (b, di, l)
     return (out, last) if return_last_state else out
+
+
+def selective_scan_c(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                     return_last_state=False):
+    """The same scan with the recurrence in C (cpu_scan.c): 3-4x faster again than the PyTorch path
+    on the tiny default's shapes. Needs a C compiler (`cpu_scan.available()`)."""
+    return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                kernel=cpu_scan.CScan)
 
 
 def selective_state_update_ref(ssm_state, x, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -237,11 +250,12 @@ def selective_state_update_ref(ssm_state, x, delta, A, B, C, D=None, z=None, del
 
 
 def _backend(backend: str, tensor: torch.Tensor) -> str:
-    """"auto" means the Triton kernels for CUDA tensors and the PyTorch path otherwise."""
+    """"auto" means the Triton kernels for CUDA tensors, else the C kernel where it compiles, else
+    the PyTorch path."""
     if backend == "auto":
-        return "triton" if tensor.is_cuda else "torch"
-    if backend not in ("triton", "torch", "ref"):
-        raise ValueError(f"unknown scan backend {backend!r}: expected 'auto', 'triton', 'torch' or 'ref'")
+        return "triton" if tensor.is_cuda else "c" if cpu_scan.available() else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown scan backend {backend!r}: expected 'auto' or one of {', '.join(BACKENDS)}")
     return backend
 
 
@@ -249,21 +263,21 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                    return_last_state=False, backend="auto"):
     """The selective scan with a choice of implementation (same arguments as selective_scan_ref).
 
-    backend: "auto" takes the fused Triton kernels for CUDA tensors and `selective_scan_torch`
-    otherwise; "triton", "torch" or "ref" force one.
+    backend: "auto" takes the fused Triton kernels for CUDA tensors, else `selective_scan_c` where
+    the C kernel compiles, else `selective_scan_torch`; "triton", "c", "torch" or "ref" force one.
     """
     name = _backend(backend, u)
     if name == "triton":
         from minivlmamba.triton_scan import selective_scan_triton as fn  # here: Triton loads only when used
     else:
-        fn = selective_scan_torch if name == "torch" else selective_scan_ref
+        fn = dict(c=selective_scan_c, torch=selective_scan_torch, ref=selective_scan_ref)[name]
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
 def selective_state_update(ssm_state, x, delta, A, B, C, D=None, z=None, delta_bias=None,
                            delta_softplus=False, backend="auto"):
     """One decode step (same arguments as selective_state_update_ref), Triton on CUDA."""
-    if _backend(backend, x) != "triton":
+    if not (x.is_cuda if backend == "auto" else _backend(backend, x) == "triton"):  # no C kernel for one step
         return selective_state_update_ref(ssm_state, x, delta, A, B, C, D, z, delta_bias, delta_softplus)
     from minivlmamba.triton_decode import selective_state_update_triton
     return selective_state_update_triton(ssm_state, x, delta, A, B, C, D, z, delta_bias, delta_softplus)

@@ -1,12 +1,17 @@
 """The reference selective scan against an independent formula, its decode step against the scan, and
-the fast CPU path against the reference."""
+the fast CPU paths (PyTorch and C) against the reference."""
+
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from minivlmamba import scan
-from minivlmamba.scan import selective_scan, selective_scan_ref, selective_scan_torch, selective_state_update_ref
+from minivlmamba import cpu_scan, scan
+from minivlmamba.scan import (selective_scan, selective_scan_c, selective_scan_ref, selective_scan_torch,
+                              selective_state_update_ref)
+
+FAST = pytest.mark.parametrize("fast", [selective_scan_torch, selective_scan_c], ids=["torch", "c"])
 
 
 def random_inputs(b=2, di=6, l=7, n=4, g=None, dtype=torch.float32, seed=0):
@@ -80,16 +85,16 @@ def test_bf16_inputs_give_bf16_output_close_to_fp32():
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=5e-2)
 
 
-def scan_both(x, dtype=torch.float64, views=False, **kw):
-    """Output, last state (if asked) and the gradients of every input, from the reference and from the
-    torch path. dtype: of the inputs (None keeps x's). views: u, delta, z, B and C reach the scans as the
+def scan_both(x, fast, dtype=torch.float64, views=False, **kw):
+    """Output, last state (if asked) and the gradients of every input, from the reference and from
+    `fast`. dtype: of the inputs (None keeps x's). views: u, delta, z, B and C reach the scans as the
     LM passes them (mamba.py's MambaMixer.forward), transposed views of tensors with time second."""
     leaves = {k: (v if dtype is None else v.to(dtype)) for k, v in x.items() if v is not None}
     time_second = lambda v: v.movedim(-1, 1).contiguous() if views and v.dim() >= 3 else v  # (b, l, ...)
     leaves = {k: time_second(v).requires_grad_() for k, v in leaves.items()}
     args = {k: (v.movedim(1, -1) if views and v.dim() >= 3 else v) for k, v in leaves.items()}  # (b, ..., l)
     results = []
-    for fn in (selective_scan_ref, selective_scan_torch):
+    for fn in (selective_scan_ref, fast):
         res = fn(**args, **kw)
         out, last = res if kw.get("return_last_state") else (res, None)
         w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)  # weighs each output
@@ -108,28 +113,32 @@ def assert_same(ref, ours, rtol=1e-5, atol=1e-5):  # default: both compute in fp
         torch.testing.assert_close(g, ref_g, rtol=rtol, atol=atol, msg=lambda m: f"d{name}: {m}")
 
 
+@FAST
 @pytest.mark.parametrize("g", [None, 1, 2, 4])
 @pytest.mark.parametrize("last", [True, False])
-def test_torch_path_matches_reference_values_state_and_gradients(g, last):
+def test_fast_path_matches_reference_values_state_and_gradients(fast, g, last):
     x = random_inputs(di=8, l=9, g=g)
-    assert_same(*scan_both(x, delta_softplus=True, return_last_state=last))
+    assert_same(*scan_both(x, fast, delta_softplus=True, return_last_state=last))
 
 
+@FAST
 @pytest.mark.parametrize("drop", [("D",), ("z",), ("delta_bias",), ("D", "z", "delta_bias")])
-def test_torch_path_without_optional_inputs(drop):
+def test_fast_path_without_optional_inputs(fast, drop):
     x = {k: (None if k in drop else v) for k, v in random_inputs(di=8, l=9, g=2).items()}
-    assert_same(*scan_both(x, delta_softplus="delta_bias" not in drop, return_last_state=True))
+    assert_same(*scan_both(x, fast, delta_softplus="delta_bias" not in drop, return_last_state=True))
 
 
+@FAST
 @pytest.mark.parametrize("l", [1, 2, 5])
-def test_torch_path_short_sequences(l):
-    assert_same(*scan_both(random_inputs(l=l), delta_softplus=True, return_last_state=True))
+def test_fast_path_short_sequences(fast, l):
+    assert_same(*scan_both(random_inputs(l=l), fast, delta_softplus=True, return_last_state=True))
 
 
+@FAST
 @pytest.mark.parametrize("g", [None, 2])
-def test_torch_path_takes_transposed_views(g):
+def test_fast_path_takes_transposed_views(fast, g):
     x = random_inputs(b=3, di=8, l=9, g=g)
-    assert_same(*scan_both(x, views=True, delta_softplus=True, return_last_state=True))
+    assert_same(*scan_both(x, fast, views=True, delta_softplus=True, return_last_state=True))
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])  # l = 9: the last chunk has 1 step
@@ -138,24 +147,46 @@ def test_torch_path_chunks_with_a_remainder(steps, monkeypatch):
     monkeypatch.setattr(scan, "_CHUNK_ELEMENTS", steps * b * di * n)
     assert scan._chunk_steps(b, di, n) == steps
     x = random_inputs(b=b, di=di, l=9, n=n, g=2)
-    assert_same(*scan_both(x, delta_softplus=True, return_last_state=True))
+    assert_same(*scan_both(x, selective_scan_torch, delta_softplus=True, return_last_state=True))
 
 
-def test_torch_path_bf16_inputs_match_reference():
+@pytest.mark.parametrize("di, g", [(16, None), (40, 2), (96, 3)])  # channels a group: 16, 20 (16 + 4), 32
+def test_c_path_full_and_partial_blocks_of_channels(di, g):
+    x = random_inputs(b=3, di=di, l=33, n=16, g=g)  # 33 steps of fp32 rounding: the PyTorch path is as far off
+    assert_same(*scan_both(x, selective_scan_c, delta_softplus=True, return_last_state=True), rtol=1e-4, atol=1e-4)
+
+
+def test_c_path_decays_that_underflow():
+    x = random_inputs(di=16, l=9)  # delta around 30 and A down to -30: exp(delta A) far below fp32's smallest
+    x = dict(x, delta=x["delta"].abs() + 30, A=30 * x["A"])
+    assert_same(*scan_both(x, selective_scan_c, delta_softplus=True, return_last_state=True))
+
+
+@FAST
+def test_fast_path_bf16_inputs_match_reference(fast):
     x = random_inputs(di=8, l=9)
     x = {k: (v.bfloat16() if k in ("u", "delta", "B", "C", "z") else v) for k, v in x.items()}
-    ref, ours = scan_both(x, dtype=None, return_last_state=True, delta_softplus=True)
+    ref, ours = scan_both(x, fast, dtype=None, return_last_state=True, delta_softplus=True)
     assert ours[0].dtype == torch.bfloat16 and ours[1].dtype == torch.float32
     assert_same(ref, ours, rtol=2e-2, atol=2e-2)  # outputs and gradients rounded to bf16 (8 bits)
 
 
-def test_dispatch_uses_torch_path_on_cpu_and_rejects_unknown_backend():
-    x = random_inputs()
+def test_dispatch_takes_the_c_kernel_on_cpu_and_rejects_unknown_backend(monkeypatch):
+    assert cpu_scan.available()  # the machines the tests run on have a C compiler: the kernel must build
+    x, calls = random_inputs(), []
+    monkeypatch.setattr(scan, "selective_scan_c", lambda *a: calls.append(a) or selective_scan_torch(*a))
     torch.testing.assert_close(selective_scan(**x, backend="auto"), selective_scan_ref(**x))
+    assert len(calls) == 1
     torch.testing.assert_close(selective_scan(**x, backend="ref"), selective_scan_ref(**x))
-    try:
+    with pytest.raises(ValueError, match="cuda-magic"):
         selective_scan(**x, backend="cuda-magic")
-    except ValueError as e:
-        assert "cuda-magic" in str(e)
-    else:
-        raise AssertionError("unknown backend accepted")
+
+
+def test_without_a_compiler_the_cpu_scan_says_so_once_and_runs_the_torch_path(monkeypatch, capsys):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(cpu_scan, "_library", functools.cache(cpu_scan._library.__wrapped__))
+    x = random_inputs()
+    for _ in range(2):
+        torch.testing.assert_close(selective_scan(**x), selective_scan_ref(**x))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "/nonexistent/cc" in err and "PyTorch path" in err

@@ -1,0 +1,179 @@
+/* The selective scan on a CPU, forward and backward: scan.py's _SelectiveScan in C.
+
+   The PyTorch path runs a dozen elementwise passes a chunk of time steps over (m, b, g, n, dig)
+   tensors. Here each call walks blocks of W channels of one (batch row, group) "item", and a
+   block's state, h[n][W], stays in the first-level cache from the first step to the last: one
+   pass, no tensor of states in memory. Every loop over j (the W channels of a block) is
+   vectorised by the compiler: one AVX-512 vector of fp32, two AVX2 ones. cpu_scan.py compiles
+   this file with the system's C compiler and calls it on a few threads through ctypes.
+
+   Layouts, as _SelectiveScan's (fp32, contiguous, time first; item it = bi * g + gi):
+       u, delta, y, dy, du, ddelta    (l, b, di)      delta after bias and softplus
+       A                              (di, n)
+       B, C, dB, dC                   (l, b, g, n)    channel c reads group c / dig
+       last, dlast, dA                (b, di, n)      dA: batch row bi's share, summed by the caller
+
+   The recurrence and its gradients (scan.py's _SelectiveScan derives them):
+       a_t = exp(delta_t A),  h_t = a_t h_{t-1} + delta_t u_t B_t,  y_t = C_t . h_t
+       g_t = dL/dh_t = dy_t C_t + a_{t+1} g_{t+1}   (g_{l-1} also gets dlast)
+       dL/d(delta_t u_t) = g_t . B_t,  dL/dB_t = sum_c g_t delta_t u_t,  dL/dC_t = sum_c dy_t h_t,
+       dL/d(delta_t A) = g_t a_t h_{t-1}: summed over n times A into dL/d(delta_t), times delta_t
+       over t into dL/dA.                                                                          */
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define W 16
+#define LOG2_E 1.44269504088896341f
+
+/* 2^x to within 1e-7 relative: 2^floor(x) made from the exponent bits, times a degree-6 polynomial
+   for 2^f on f in [0, 1) (our own least-squares fit). Unlike expf it vectorises. */
+static inline float exp2_fast(float x) {
+    x = fminf(fmaxf(x, -126.0f), 126.0f);
+    int e = (int)(x + 127.0f);  /* the biased exponent of 2^floor(x): x + 127 > 0, so truncation floors */
+    float f = x - (float)(e - 127);  /* exact */
+    float p = 2.1690609e-4f;
+    p = p * f + 1.2443082e-3f;
+    p = p * f + 9.6784728e-3f;
+    p = p * f + 5.5483524e-2f;
+    p = p * f + 2.4022980e-1f;
+    p = p * f + 6.9314700e-1f;
+    p = p * f + 1.0f;
+    union { int i; float f; } scale = { .i = e << 23 };
+    return p * scale.f;
+}
+
+/* The block's w channels (at most W) from src, padded with zeros to W. */
+static inline void load(float *out, const float *src, int w) {
+    for (int j = 0; j < W; j++) out[j] = j < w ? src[j] : 0.0f;
+}
+
+static inline void store(float *dst, const float *v, int w) {
+    for (int j = 0; j < w; j++) dst[j] = v[j];
+}
+
+/* One block of one item: where its rows start and how far apart its time steps are. */
+typedef struct {
+    int l, n, w;
+    size_t step, bc_step;  /* elements from t to t + 1: b * di in u-like tensors, b * g * n in B and C */
+    const float *u, *delta, *B, *C;  /* at t = 0: the block's first channel, the item's B and C */
+    float a2[];  /* (n, W): A log2(e), channels innermost, so that a_t = exp2(delta_t a2) */
+} Block;
+
+static Block *block_new(int l, int b, int g, int dig, int n, int it, int c0, const float *u,
+                        const float *delta, const float *A, const float *B, const float *C) {
+    int di = g * dig, bi = it / g, end = (it % g + 1) * dig;
+    Block *k = malloc(sizeof(Block) + sizeof(float) * n * W);
+    k->l = l, k->n = n, k->w = end - c0 < W ? end - c0 : W;
+    k->step = (size_t)b * di, k->bc_step = (size_t)b * g * n;
+    k->u = u + (size_t)bi * di + c0, k->delta = delta + (size_t)bi * di + c0;
+    k->B = B + (size_t)it * n, k->C = C + (size_t)it * n;
+    for (int s = 0; s < n; s++)
+        for (int j = 0; j < W; j++) k->a2[s * W + j] = j < k->w ? A[(size_t)(c0 + j) * n + s] * LOG2_E : 0.0f;
+    return k;
+}
+
+/* The states h_t of a block from a zero start: y_t (at y, if not NULL), every h_t (in states, if not
+   NULL; (l, n, W)), and the last in h (n, W). */
+static void run(const Block *k, float *y, float *states, float *h) {
+    int n = k->n;
+    float dt[W], x[W], yt[W];
+    memset(h, 0, sizeof(float) * n * W);
+    for (int t = 0; t < k->l; t++) {
+        load(dt, k->delta + t * k->step, k->w);
+        load(x, k->u + t * k->step, k->w);
+        for (int j = 0; j < W; j++) x[j] *= dt[j], yt[j] = 0.0f;  /* x = delta_t u_t */
+        const float *Bt = k->B + t * k->bc_step, *Ct = k->C + t * k->bc_step;
+        for (int s = 0; s < n; s++) {
+            float *hs = h + s * W;
+            for (int j = 0; j < W; j++) {
+                hs[j] = exp2_fast(dt[j] * k->a2[s * W + j]) * hs[j] + x[j] * Bt[s];
+                yt[j] += Ct[s] * hs[j];
+            }
+        }
+        if (y) store(y + t * k->step, yt, k->w);
+        if (states) memcpy(states + (size_t)t * n * W, h, sizeof(float) * n * W);
+    }
+}
+
+/* Items it0 .. it1 - 1: y and the last state. */
+void scan_forward(int it0, int it1, int l, int b, int g, int dig, int n, const float *u, const float *delta,
+                  const float *A, const float *B, const float *C, float *y, float *last) {
+    int di = g * dig;
+    float *h = malloc(sizeof(float) * n * W);
+    for (int it = it0; it < it1; it++)
+        for (int c0 = it % g * dig; c0 < (it % g + 1) * dig; c0 += W) {
+            Block *k = block_new(l, b, g, dig, n, it, c0, u, delta, A, B, C);
+            run(k, y + (size_t)(it / g) * di + c0, NULL, h);
+            for (int j = 0; j < k->w; j++)
+                for (int s = 0; s < n; s++) last[((size_t)(it / g) * di + c0 + j) * n + s] = h[s * W + j];
+            free(k);
+        }
+    free(h);
+}
+
+/* Items it0 .. it1 - 1: the gradients of u, delta, A (this batch row's share), B and C. Each block's
+   states are recomputed forward, then the recurrence runs backward in time; dB and dC are summed
+   over the item's channels lane by lane, and over the lanes at the end. */
+void scan_backward(int it0, int it1, int l, int b, int g, int dig, int n, const float *u, const float *delta,
+                   const float *A, const float *B, const float *C, const float *dy, const float *dlast,
+                   float *du, float *ddelta, float *dA, float *dB, float *dC) {
+    int di = g * dig;
+    size_t nw = (size_t)n * W;
+    float *h = malloc(sizeof(float) * nw), *gs = malloc(sizeof(float) * nw), *dA_k = malloc(sizeof(float) * nw);
+    float *states = malloc(sizeof(float) * l * nw);
+    float *dB_lanes = malloc(sizeof(float) * l * nw), *dC_lanes = malloc(sizeof(float) * l * nw);
+    float dt[W], uu[W], x[W], dyt[W], d_x[W], d_dt[W], zero[W] = {0};
+    for (int it = it0; it < it1; it++) {
+        int bi = it / g;
+        memset(dB_lanes, 0, sizeof(float) * l * nw);
+        memset(dC_lanes, 0, sizeof(float) * l * nw);
+        for (int c0 = it % g * dig; c0 < (it % g + 1) * dig; c0 += W) {
+            Block *k = block_new(l, b, g, dig, n, it, c0, u, delta, A, B, C);
+            size_t first = (size_t)bi * di + c0;  /* the block's first channel in (b, di) and in (l, b, di) at t = 0 */
+            run(k, NULL, states, h);
+            for (int s = 0; s < n; s++)
+                for (int j = 0; j < W; j++) gs[s * W + j] = j < k->w ? dlast[(first + j) * n + s] : 0.0f;
+            memset(dA_k, 0, sizeof(float) * nw);
+            for (int t = l - 1; t >= 0; t--) {
+                load(dt, k->delta + t * k->step, k->w);
+                load(uu, k->u + t * k->step, k->w);
+                load(dyt, dy + first + t * k->step, k->w);
+                for (int j = 0; j < W; j++) x[j] = dt[j] * uu[j], d_x[j] = 0.0f, d_dt[j] = 0.0f;
+                const float *Bt = k->B + t * k->bc_step, *Ct = k->C + t * k->bc_step;
+                const float *ht = states + t * nw, *hprev = t > 0 ? states + (t - 1) * nw : NULL;
+                float *dBt = dB_lanes + t * nw, *dCt = dC_lanes + t * nw;
+                for (int s = 0; s < n; s++) {
+                    const float *a2 = k->a2 + s * W, *hp = hprev ? hprev + s * W : zero;
+                    float *g_ = gs + s * W;
+                    for (int j = 0; j < W; j++) {
+                        float a = exp2_fast(dt[j] * a2[j]);
+                        float gt = g_[j] + dyt[j] * Ct[s];  /* g_t = dy_t C_t + a_{t+1} g_{t+1} */
+                        float q = gt * a * hp[j];           /* dL/d(delta_t A) */
+                        dCt[s * W + j] += dyt[j] * ht[s * W + j];
+                        dBt[s * W + j] += gt * x[j];
+                        d_x[j] += gt * Bt[s];
+                        d_dt[j] += q * a2[j];               /* times ln 2 below: a2 ln 2 = A */
+                        dA_k[s * W + j] += q * dt[j];
+                        g_[j] = a * gt;                     /* a_t g_t, carried to t - 1 */
+                    }
+                }
+                for (int j = 0; j < W; j++) d_dt[j] = d_dt[j] / LOG2_E + d_x[j] * uu[j], d_x[j] *= dt[j];
+                store(du + first + t * k->step, d_x, k->w);
+                store(ddelta + first + t * k->step, d_dt, k->w);
+            }
+            for (int j = 0; j < k->w; j++)
+                for (int s = 0; s < n; s++) dA[(first + j) * n + s] = dA_k[s * W + j];
+            free(k);
+        }
+        for (int t = 0; t < l; t++)
+            for (int s = 0; s < n; s++) {
+                float sb = 0.0f, sc = 0.0f;
+                for (int j = 0; j < W; j++) sb += dB_lanes[t * nw + s * W + j], sc += dC_lanes[t * nw + s * W + j];
+                dB[(size_t)t * b * g * n + (size_t)it * n + s] = sb;
+                dC[(size_t)t * b * g * n + (size_t)it * n + s] = sc;
+            }
+    }
+    free(h); free(gs); free(dA_k); free(states); free(dB_lanes); free(dC_lanes);
+}
