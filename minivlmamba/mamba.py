@@ -293,7 +293,7 @@ class MambaLM(nn.Module):
                 out, residual = torch.utils.checkpoint.checkpoint(block.forward_fused, out, residual,
                                                                   use_reentrant=False)
             else:
-                out, residual = block.forward_fused(out, residual, cache, l)
+                out, residual = block.forward_fused(out, residual, cache, l if cache is not None else None)
         norm = self.backbone.norm_f
         _, normed = add_rms_norm(out.reshape(b * lp, d), residual, norm.weight, norm.eps)  # (b*lp, d)
         return normed.view(b, lp, d)[:, :l]
