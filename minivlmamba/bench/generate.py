@@ -115,14 +115,17 @@ def scan_sweep(di=5120, n=16):
 
 
 def kernel_profile(fn, runs, top=8):
-    """(kernel name, microseconds a run) of the `top` kernels by device time over `runs` calls of fn."""
+    """(kernel name, microseconds a run, launches a run) of all kernels together, then of the `top`
+    kernels by device time, over `runs` calls of fn (all together against fn's wall time: is it bound
+    by the GPU or by the launches?)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(runs):
             fn()
         torch.cuda.synchronize()
-    rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:top]
-    return [(e.key[:60], e.device_time_total / runs, e.count // runs) for e in rows]
+    rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    total = ("all kernels", sum(e.device_time_total for e in rows) / runs, sum(e.count for e in rows) // runs)
+    return [total] + [(e.key[:60], e.device_time_total / runs, e.count // runs) for e in rows[:top]]
 
 
 def transformers_rate(cfg, new_tokens=32):
@@ -219,7 +222,8 @@ def bench_generate(args):
         print("(f) kernels by device time, us a run (calls a run):")
         embeds = lm.backbone.embedding(torch.randint(2, 50000, (1, 761), device="cuda"))
         for title, fn, runs in (("decode step, batch 1, graph", decoder.graph.replay, 20),
-                                ("fused prefill, 761 tokens", lambda: lm.hidden_states(embeds, decoder.cache), 3)):
+                                ("image encoder, graph", lambda: model.image_tokens(pixel_values, cuda_graph=True), 5),
+                                ("fused LM prefill, 761 tokens", lambda: lm.hidden_states(embeds, decoder.cache), 3)):
             print(f"    {title}: " + "; ".join(f"{name} {us:.0f} ({count})" for name, us, count in kernel_profile(fn, runs)))
     hf = transformers_rate(lm.cfg) if args.transformers else None
     if hf is not None:
