@@ -209,8 +209,8 @@ def bench_generate(args):
         prefill = seconds(lambda: lm.hidden_states(embeds, decoder.cache), 3)  # prefill into the graph's cache
         torch.cuda.reset_peak_memory_stats()
         rate = replay_rate(decoder, 1)
-        print(f"    context {context:>5}: prefill {prefill * 1e3:>5.0f} ms fused ({context / prefill:>6.0f} tok/s; readable "
-              f"{readable * 1e3:.0f} ms), decode {rate:.0f} tok/s, peak GPU memory while decoding "
+        print(f"    context {context:>5}: prefill {prefill * 1e3:>5.0f} ms fused ({context / prefill:>6.0f} tok/s; "
+              f"readable {readable * 1e3:.0f} ms), decode {rate:.0f} tok/s, peak GPU memory while decoding "
               f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
     fused = replay_rate(decoder, 1)
@@ -224,7 +224,8 @@ def bench_generate(args):
         for title, fn, runs in (("decode step, batch 1, graph", decoder.graph.replay, 20),
                                 ("image encoder, graph", lambda: model.image_tokens(pixel_values, cuda_graph=True), 5),
                                 ("fused LM prefill, 761 tokens", lambda: lm.hidden_states(embeds, decoder.cache), 3)):
-            print(f"    {title}: " + "; ".join(f"{name} {us:.0f} ({count})" for name, us, count in kernel_profile(fn, runs)))
+            rows = kernel_profile(fn, runs)
+            print(f"    {title}: " + "; ".join(f"{name} {us:.0f} ({count})" for name, us, count in rows))
     hf = transformers_rate(lm.cfg) if args.transformers else None
     if hf is not None:
         print(f"    transformers MambaForCausalLM (PyTorch path), same shapes, batch 1: {hf:.1f} tok/s "
