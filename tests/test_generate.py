@@ -163,6 +163,27 @@ def test_cuda_graph_generation_equals_eager():
 
 
 @needs_cuda
+def test_programmatic_dependent_launch_changes_nothing():
+    """The same graph with and without PDL gives the same logits and states: a kernel that read its
+    predecessor's output before `gdc_wait` would race, and read stale values (far off, not rounding)."""
+    from minivlmamba import generate
+    torch.manual_seed(0)
+    lm = MambaLM(MambaConfig(d_model=256, n_layer=4, vocab_size=5000)).eval().cuda()  # grids of hundreds of programs
+    ids = torch.randint(0, 5000, (12,), device="cuda")
+    runs, default = [], generate.PDL
+    for pdl in (True, False):
+        generate.PDL = pdl
+        try:
+            decoder = CudaGraphDecoder(lm, 1)
+        finally:
+            generate.PDL = default
+        logits = torch.stack([decoder(ids[t:t + 1]).clone() for t in range(12)])
+        runs.append((logits, decoder.cache.ssm_state.clone(), decoder.cache.conv_state.clone()))
+    for with_pdl, without in zip(*runs):
+        torch.testing.assert_close(with_pdl, without, rtol=1e-5, atol=1e-5)
+
+
+@needs_cuda
 def test_caches_take_turns_on_one_graph():
     """Two conversations alternate on one decoder: each keeps its own state, as in eager decoding."""
     torch.manual_seed(0)
