@@ -12,18 +12,24 @@ H100). Two things stand between the readable `MambaLM.step` and that floor:
 - small kernels: even inside a graph each kernel costs ~2 us of start and drain. The norms, the
   conv, dt_proj and the gating between the matrix-vector products would cost as much as the
   products themselves.
-`fused_step` computes the same function as `MambaLM.step` in five kernels per layer, each of
-which either reads weights at full speed or is too small to matter:
-    linear       norm + in_proj, x_proj, out_proj + residual add: the matrix products (batch 1: ours,
-                 with the RMSNorm and the residual add fused in; batches: cuBLAS)
-    conv_step    shift the conv window by one input, depthwise conv, SiLU  (upstream: causal_conv1d_update)
+`fused_step` computes the same function as `MambaLM.step` in four kernels per layer at batch 1,
+each of which either reads weights at full speed or is too small to matter:
+    linear       the matrix products (batch 1: ours, with the RMSNorm fused into in_proj, the conv
+                 step into in_proj's epilogue and the residual add into out_proj; batches: cuBLAS)
+    conv_step    batches: shift the conv window by one input, depthwise conv, SiLU
+                 (upstream: causal_conv1d_update)
     ssm_step     dt_proj + softplus, state update, C . h + D x, * silu(z)  (upstream: selective_state_update)
 The state and every sum stay in fp32; activations are stored in the weights' dtype as in the
 readable step, so the two agree to rounding (tests/test_generate.py).
+On Hopper the kernels are launched with programmatic dependent launch (PDL): each one may start
+while the one before it drains, loads its weights (which no kernel writes), and only then waits
+for its predecessor's output (`gdc_wait`). So the ramp-up of one kernel hides in the tail of the last.
 
 `CudaGraphDecoder` captures the step for one batch size against a static cache and a static buffer
-of token ids: each new token is one `graph.replay()`. The prefill stays eager: a whole prompt is a
-few large kernels already.
+of token ids: each new token is one `graph.replay()`. The prefill runs the training's fused,
+channels-first LM (`MambaLM.hidden_states_fused`, a few large kernels a layer) after the image
+encoder replayed from a graph of its own (`CudaGraphCall`: the tower and connector are hundreds of
+small kernels whose launches would cost more than their work).
 
 Official implementation: mamba_ssm/utils/generation.py (`update_graph_cache`, `capture_graph`).
 We differ in fusing the step ourselves and in letting any cache borrow the graph's state (`bind`).
@@ -41,14 +47,21 @@ from minivlmamba.mamba import InferenceCache, MambaLM
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, N, K, eps,
-                 NORM: tl.constexpr, ADD: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, conv_out_ptr,
+                 N, K, eps, DI, s_cd, s_ck,
+                 NORM: tl.constexpr, ADD: tl.constexpr, CONV: tl.constexpr, PDL: tl.constexpr,
+                 BLOCK_N: tl.constexpr, KP: tl.constexpr, KC: tl.constexpr):
     """Batch 1: out = W x for BLOCK_N rows of W (N, K). NORM: x is the fp32 residual stream, first
-    RMS-normalised (and rounded to W's dtype, as RMSNorm returns it). ADD: out (fp32) += the product."""
+    RMS-normalised (and rounded to W's dtype, as RMSNorm returns it). ADD: out (fp32) += the product.
+    CONV (in_proj): rows below DI are the conv's input x; each enters its channel's window in
+    conv_state (di, KC) and conv_out gets silu(window . conv_w + conv_b), as `_conv_step_kernel`."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     k = tl.arange(0, KP)  # (KP,): the whole row at once, every load in flight together
     mn, mk = n < N, k < K
     w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=mn[:, None] & mk[None, :], other=0.0)  # (BLOCK_N, KP)
+    if PDL:  # the weights are loading; only now wait for the kernel before us (x is its output), and
+        tl.extra.cuda.gdc_wait()  # let the next one start loading its own weights during our tail
+        tl.extra.cuda.gdc_launch_dependents()
     x = tl.load(x_ptr + k, mask=mk, other=0.0).to(tl.float32)  # (KP,)
     if NORM:
         x *= tl.rsqrt(tl.sum(x * x, axis=0) / K + eps) * tl.load(norm_ptr + k, mask=mk, other=0.0).to(tl.float32)
@@ -57,29 +70,47 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, N, K, eps,
     if ADD:
         y = tl.load(out_ptr + n, mask=mn, other=0.0) + y.to(tl.float32)
     tl.store(out_ptr + n, y, mask=mn)
+    if CONV:
+        mx = mn & (n < DI)
+        window = conv_state_ptr + n * s_cd
+        acc = tl.load(conv_b_ptr + n, mask=mx, other=0.0).to(tl.float32)  # (BLOCK_N,)
+        for j in tl.static_range(KC):  # slot j takes slot j + 1, the last slot the new x
+            if j < KC - 1:
+                v = tl.load(window + (j + 1) * s_ck, mask=mx, other=0.0)
+            else:
+                v = y
+            tl.store(window + j * s_ck, v, mask=mx)
+            acc += v.to(tl.float32) * tl.load(conv_w_ptr + n * KC + j, mask=mx, other=0.0).to(tl.float32)
+        tl.store(conv_out_ptr + n, (acc * tl.sigmoid(acc)).to(conv_out_ptr.dtype.element_ty), mask=mx)
 
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
+def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, D, eps, PDL: tl.constexpr, BLOCK: tl.constexpr):
     """One row: out = rmsnorm(x) * w, in fp32, stored in out's dtype."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     out = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps) * w
     tl.store(out_ptr + row * D + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _conv_step_kernel(xz_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, DI, s_xb, s_sb, s_sd, s_sk,
-                      K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """BLOCK_D channels of one row: window <- (window[1:], x); out = silu(window . w + bias)."""
+                      K: tl.constexpr, PDL: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Batches: BLOCK_D channels of one row: window <- (window[1:], x); out = silu(window . w + bias)."""
     d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     pid_b = tl.program_id(1).to(tl.int64)
     md = d < DI
     window = state_ptr + pid_b * s_sb + d * s_sd
     acc = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32)  # (BLOCK_D,)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     for k in tl.static_range(K):  # slot k takes slot k + 1; each channel stays in one thread, so
         if k < K - 1:             # every slot is read before it is overwritten
             v = tl.load(window + (k + 1) * s_sk, mask=md, other=0.0)
@@ -94,7 +125,7 @@ def _conv_step_kernel(xz_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, DI, s_xb, s_s
 @triton.jit
 def _ssm_step_kernel(state_ptr, x_ptr, xz_ptr, dbc_ptr, dtw_ptr, dtb_ptr, A_log_ptr, D_ptr, out_ptr,
                      DI, R, N, s_hb, s_hd, s_hn, s_xzb, s_dbcb,
-                     BLOCK_D: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr):
+                     PDL: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr):
     """BLOCK_D channels of one row: delta = softplus(W_dt dt + bias), h = exp(delta A) h + delta B x,
     out = (C . h + D x) * silu(z). RP, NP: r and n rounded up to powers of two."""
     d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
@@ -102,27 +133,46 @@ def _ssm_step_kernel(state_ptr, x_ptr, xz_ptr, dbc_ptr, dtw_ptr, dtb_ptr, A_log_
     r, n = tl.arange(0, RP), tl.arange(0, NP)
     md, mr, mn = d < DI, r < R, n < N
     mdn = md[:, None] & mn[None, :]  # (BLOCK_D, NP)
+    w_dt = tl.load(dtw_ptr + d[:, None] * R + r[None, :], mask=md[:, None] & mr[None, :], other=0.0)  # (BLOCK_D, RP)
+    A = -tl.exp(tl.load(A_log_ptr + d[:, None] * N + n[None, :], mask=mdn, other=0.0).to(tl.float32))
+    dt_bias = tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)  # (BLOCK_D,)
+    skip = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32)
+    if PDL:  # the weights first, then wait for x_proj (and the kernels before it)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     dbc = dbc_ptr + pid_b * s_dbcb  # this row of x_proj's output: dt (r), B (n), C (n)
     dt = tl.load(dbc + r, mask=mr, other=0.0).to(tl.float32)  # (RP,)
-    w_dt = tl.load(dtw_ptr + d[:, None] * R + r[None, :], mask=md[:, None] & mr[None, :], other=0.0)
-    delta = tl.sum(w_dt.to(tl.float32) * dt[None, :], axis=1)  # (BLOCK_D,): dt_proj, fused
-    delta += tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)
+    delta = tl.sum(w_dt.to(tl.float32) * dt[None, :], axis=1) + dt_bias  # (BLOCK_D,): dt_proj, fused
     delta = tl.where(delta <= 20.0, tl.log(1.0 + tl.exp(delta)), delta)  # softplus, as F.softplus
     Bv = tl.load(dbc + R + n, mask=mn, other=0.0).to(tl.float32)  # (NP,)
     Cv = tl.load(dbc + R + N + n, mask=mn, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + pid_b * DI + d, mask=md, other=0.0).to(tl.float32)  # (BLOCK_D,)
     z = tl.load(xz_ptr + pid_b * s_xzb + DI + d, mask=md, other=0.0).to(tl.float32)
-    A = -tl.exp(tl.load(A_log_ptr + d[:, None] * N + n[None, :], mask=mdn, other=0.0).to(tl.float32))
     h_ptrs = state_ptr + pid_b * s_hb + d[:, None] * s_hd + n[None, :] * s_hn
     h = tl.load(h_ptrs, mask=mdn, other=0.0)  # (BLOCK_D, NP) fp32
     h = tl.exp(delta[:, None] * A) * h + (delta * x)[:, None] * Bv[None, :]
     tl.store(h_ptrs, h, mask=mdn)
-    y = tl.sum(h * Cv[None, :], axis=1) + tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32) * x
+    y = tl.sum(h * Cv[None, :], axis=1) + skip * x
     y *= z * tl.sigmoid(z)
     tl.store(out_ptr + pid_b * DI + d, y.to(out_ptr.dtype.element_ty), mask=md)
 
 
-def linear(x, weight, norm=None, residual=None):
+PDL = True  # launch the step's kernels with programmatic dependent launch where the card has it
+
+
+@functools.cache
+def _has_pdl(device):
+    return torch.cuda.get_device_capability(device)[0] >= 9  # Hopper and later
+
+
+def _pdl(t):
+    """Launch options for a kernel on t's device: each such kernel loads its weights, then waits for the
+    one before it (gdc_wait), so that with PDL it can start while that one drains."""
+    on = PDL and t.is_cuda and _has_pdl(t.device)
+    return dict(PDL=on, launch_pdl=on)
+
+
+def linear(x, weight, norm=None, residual=None, conv=None):
     """The step's matrix products: x (b, k) -> x @ weight.T (b, n) in weight's dtype.
 
     norm: an RMSNorm to apply to x (then the fp32 residual stream) first. residual (b, n) fp32: add
@@ -130,21 +180,33 @@ def linear(x, weight, norm=None, residual=None):
     cuBLAS runs well under the bandwidth (notes/generation.md): our kernel reads a whole row of
     `weight` per program, all loads in flight at once, and fuses the norm and the add. Batches go
     to cuBLAS, which then reads each weight once for all rows.
+    conv (in_proj): (conv_state (b, di, d_conv), conv1d); then -> (xz (b, 2di), silu(conv(x)) (b, di)),
+    the conv step fused into the product at batch 1 (`conv_step` at batches).
     """
     b, k = x.shape
     if b > 1:
         if norm is not None:
             h = torch.empty(b, k, device=x.device, dtype=norm.weight.dtype)
-            _rmsnorm_kernel[(b,)](x, norm.weight, h, k, norm.eps, BLOCK=triton.next_power_of_2(k), num_warps=8)
+            _rmsnorm_kernel[(b,)](x, norm.weight, h, k, norm.eps, BLOCK=triton.next_power_of_2(k), num_warps=8,
+                                  **_pdl(x))
             x = h
-        return F.linear(x, weight) if residual is None else residual.add_(F.linear(x, weight))
+        out = F.linear(x, weight) if residual is None else residual.add_(F.linear(x, weight))
+        return out if conv is None else (out, conv_step(out, *conv))
     n, kp = weight.shape[0], triton.next_power_of_2(k)
     block_n, warps = (4, 4) if kp <= 4096 else (2, 8)  # measured best (notes/generation.md)
     out = torch.empty(1, n, device=x.device, dtype=weight.dtype) if residual is None else residual
-    _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, out, x if norm is None else norm.weight, n, k,
-                                             0.0 if norm is None else norm.eps, NORM=norm is not None,
-                                             ADD=residual is not None, BLOCK_N=block_n, KP=kp, num_warps=warps)
-    return out
+    conv_state, conv_w, conv_b, conv_out, di, kc = out, out, out, out, 0, 1  # placeholders: not read without conv
+    if conv is not None:
+        conv_state, conv1d = conv
+        di, kc = conv_state.shape[1:]
+        conv_w, conv_b = conv1d.weight, conv1d.bias
+        conv_out = torch.empty(1, di, device=x.device, dtype=weight.dtype)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, out, x if norm is None else norm.weight, conv_state, conv_w, conv_b, conv_out,
+        n, k, 0.0 if norm is None else norm.eps, di, *(conv_state.stride()[1:] if conv is not None else (0, 0)),
+        NORM=norm is not None, ADD=residual is not None, CONV=conv is not None, BLOCK_N=block_n, KP=kp, KC=kc,
+        num_warps=warps, **_pdl(x))
+    return out if conv is None else (out, conv_out)
 
 
 def conv_step(xz, conv_state, conv1d):
@@ -154,7 +216,7 @@ def conv_step(xz, conv_state, conv1d):
     block_d = 128
     _conv_step_kernel[(triton.cdiv(di, block_d), b)](xz, conv_state, conv1d.weight, conv1d.bias, out, di,
                                                      xz.stride(0), *conv_state.stride(), K=k, BLOCK_D=block_d,
-                                                     num_warps=4)
+                                                     num_warps=4, **_pdl(xz))
     return out
 
 
@@ -171,21 +233,51 @@ def ssm_step(ssm_state, x, xz, dt_B_C, mixer):
     _ssm_step_kernel[(triton.cdiv(di, block_d), b)](
         ssm_state, x, xz, dt_B_C, mixer.dt_proj.weight, mixer.dt_proj.bias, mixer.A_log, mixer.D, out,
         di, r, n, *ssm_state.stride(), xz.stride(0), dt_B_C.stride(0),
-        BLOCK_D=block_d, RP=triton.next_power_of_2(r), NP=triton.next_power_of_2(n), num_warps=4)
+        BLOCK_D=block_d, RP=triton.next_power_of_2(r), NP=triton.next_power_of_2(n), num_warps=4, **_pdl(x))
     return out
 
 
 def fused_step(lm: MambaLM, input_ids, cache: InferenceCache):
-    """The same function as `MambaLM.step` (input_ids (b,) -> logits (b, v)), five kernels a layer."""
+    """The same function as `MambaLM.step` (input_ids (b,) -> logits (b, v)), four kernels a layer."""
     residual = lm.backbone.embedding(input_ids).float()  # (b, d): the residual stream
     for i, block in enumerate(lm.backbone.layers):
         mixer = block.mixer
-        xz = linear(residual, mixer.in_proj.weight, norm=block.norm)  # (b, 2di)
-        x = conv_step(xz, cache.conv_state[i], mixer.conv1d)  # (b, di)
+        xz, x = linear(residual, mixer.in_proj.weight, norm=block.norm, conv=(cache.conv_state[i], mixer.conv1d))
         dt_B_C = linear(x, mixer.x_proj.weight)  # (b, r + 2n)
         y = ssm_step(cache.ssm_state[i], x, xz, dt_B_C, mixer)  # (b, di)
         linear(y, mixer.out_proj.weight, residual=residual)  # residual += out_proj(y), in place
     return linear(residual, lm.lm_head.weight, norm=lm.backbone.norm_f)  # (b, v)
+
+
+def capture(fn, *args):
+    """fn(*args) recorded as a CUDA graph -> (graph, its output). A replay runs the same kernels on the same
+    memory: args are read from the very tensors given here, the output lands in the one returned."""
+    side = torch.cuda.Stream()  # warm up off the main stream, as capture requires:
+    side.wait_stream(torch.cuda.current_stream())  # compile the kernels, create the cuBLAS handle
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*args)  # recorded, not run
+    return graph, out
+
+
+class CudaGraphCall:
+    """fn(x) for x of one shape and dtype, captured once as a CUDA graph (the prefill's image encoder:
+    the vision tower and the connector, some 400 kernels, launched by one call). A call copies x in and
+    replays; the tensor it returns is the graph's output buffer, rewritten by the next call."""
+
+    def __init__(self, fn, example):
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors: callable outside inference mode too
+            self.input = torch.empty_like(example).copy_(example)
+            self.graph, self.output = capture(fn, self.input)
+
+    def __call__(self, x):
+        self.input.copy_(x)
+        self.graph.replay()
+        return self.output
 
 
 class CudaGraphDecoder:
@@ -207,15 +299,7 @@ class CudaGraphDecoder:
         with torch.inference_mode(False), torch.no_grad():  # plain tensors: a cache may be used outside inference mode
             self.cache = lm.allocate_cache(batch_size)
             self.input_ids = torch.zeros(batch_size, dtype=torch.long, device=self.cache.ssm_state.device)
-            side = torch.cuda.Stream()  # warm up off the main stream, as capture requires:
-            side.wait_stream(torch.cuda.current_stream())  # compile the kernels, create the cuBLAS handle
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    step(self.input_ids, self.cache)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = step(self.input_ids, self.cache)  # recorded, not run
+            self.graph, self.logits = capture(step, self.input_ids, self.cache)
             self.cache.conv_state.zero_()  # forget the warm-up: the decoder starts as an empty cache
             self.cache.ssm_state.zero_()
 

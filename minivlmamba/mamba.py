@@ -128,9 +128,9 @@ class MambaMixer(nn.Module):
             cache.ssm_state[self.layer_idx].copy_(last_state)
         return self.out_proj(y.transpose(1, 2))  # (b, l, d)
 
-    def forward_channels_first(self, hidden):
-        """The forward above without a cache, with every (di)-wide tensor kept channels first:
-        (di, b * l), each channel's steps contiguous, one sequence after the other.
+    def forward_channels_first(self, hidden, cache: InferenceCache | None = None, steps=None):
+        """The forward above, with every (di)-wide tensor kept channels first: (di, b * l), each
+        channel's steps contiguous, one sequence after the other.
 
         The readable forward switches between (b, l, di) for the products and (b, di, l) for the
         convolution and the scan: each switch is a transposing copy (slow: one side of it is strided),
@@ -143,6 +143,9 @@ class MambaMixer(nn.Module):
         `WeightProduct`s (weight_product.py): fp32 weights cast to bf16 once an optimizer step, fp32
         weight gradients that cuBLAS adds into `.grad` itself. Same parameters, same result
         (tests/test_training.py).
+        With a cache (the prefill on GPUs) only the first `steps` steps of each sequence are real, the
+        rest padding at its end: the scan stops there, so the states it leaves in the cache are those
+        after the last real step, and the outputs of the padding are zero.
         """
         from minivlmamba.triton_conv import causal_conv1d_silu  # here: Triton loads only when used
         b, l, d = hidden.shape
@@ -154,10 +157,16 @@ class MambaMixer(nn.Module):
         x, z = causal_conv1d_silu(xz.view(2, di, b, l), self.conv1d.weight[:, 0], self.conv1d.bias)  # (di, b, l) each
         dt, B, C = WeightProduct.apply(self.x_proj.weight, x.view(di, b * l), True).split([r, n, n])  # (r|n|n, b*l)
         delta = WeightProduct.apply(self.dt_proj.weight, dt, True)  # (di, b*l); its bias goes into the scan
-        seq = lambda t: t.view(-1, b, l).transpose(0, 1)  # (c, b*l) -> (b, c, l), a view
-        y = selective_scan(x.transpose(0, 1), seq(delta), -torch.exp(self.A_log.float()), seq(B), seq(C),
-                           self.D.float(), z=z.transpose(0, 1), delta_bias=self.dt_proj.bias.float(),
-                           delta_softplus=True, backend=self.cfg.scan_backend)  # (b, di, l)
+        steps = l if steps is None else steps
+        seq = lambda t: t.view(-1, b, l).transpose(0, 1)[..., :steps]  # (c, b*l) -> (b, c, steps), a view
+        y = selective_scan(seq(x), seq(delta), -torch.exp(self.A_log.float()), seq(B), seq(C),
+                           self.D.float(), z=seq(z), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                           return_last_state=cache is not None, backend=self.cfg.scan_backend)  # (b, di, steps)
+        if cache is not None:
+            y, last_state = y
+            cache.ssm_state[self.layer_idx].copy_(last_state)
+            cache.conv_state[self.layer_idx].copy_(F.pad(seq(xz[:di]), (self.cfg.d_conv - steps, 0)))
+            y = F.pad(y, (0, l - steps))  # (b, di, l): zeros for the padding, rows 16-byte aligned again
         y = y.transpose(0, 1).reshape(di, b * l)  # (di, b*l): a view where the scan kept u's layout
         return WeightProduct.apply(self.out_proj.weight, y.t(), False).view(b, l, d)  # (b, l, d)
 
@@ -187,18 +196,19 @@ class Block(nn.Module):
     def forward(self, x, cache=None):
         return x + self.mixer(self.norm(x), cache)  # fp32 + bf16 adds in fp32: no separate cast
 
-    def forward_fused(self, out, residual):
+    def forward_fused(self, out, residual, cache=None, steps=None):
         """Upstream's cut of the same block, for training on GPUs (`MambaLM.hidden_states_fused`).
 
         Args: out (b, l, d), the previous block's output (the embeddings at the first block);
-        residual (b*l, d) fp32, the stream it adds to (None at the first block).
+        residual (b*l, d) fp32, the stream it adds to (None at the first block); cache and steps as
+        for `MambaMixer.forward_channels_first`.
         Returns: this block's output (b, l, d) and the stream it will add to (b*l, d) fp32. The add and
         this block's RMSNorm are one Triton kernel each way (triton_norm.py).
         """
         from minivlmamba.triton_norm import add_rms_norm  # here: Triton loads only when used
         b, l, d = out.shape
         residual, normed = add_rms_norm(out.reshape(b * l, d), residual, self.norm.weight, self.norm.eps)
-        return self.mixer.forward_channels_first(normed.view(b, l, d)), residual
+        return self.mixer.forward_channels_first(normed.view(b, l, d), cache, steps), residual
 
     def step(self, x, cache):
         return x + self.mixer.step(self.norm(x), cache)
@@ -244,15 +254,16 @@ class MambaLM(nn.Module):
             ssm_state=torch.zeros(cfg.n_layer, batch_size, cfg.d_inner, cfg.d_state, device=device),
         )
 
-    def hidden_states(self, inputs_embeds, cache: InferenceCache | None = None):
+    def hidden_states(self, inputs_embeds, cache: InferenceCache | None = None, fused=True):
         """inputs_embeds (b, l, d) -> final normalised hidden states (b, l, d), before the LM head.
 
         With a cache this is the prefill: it also leaves every layer's state in the cache. On a GPU
-        without a cache (training) this runs `hidden_states_fused`, the same function in fewer kernels.
+        this runs `hidden_states_fused`, the same function in fewer kernels (training, and the
+        prefill); fused=False runs the readable loop below there too, the twin the tests compare with.
         """
         x = inputs_embeds.float()  # (b, l, d): the residual stream
-        if cache is None and x.is_cuda:
-            return self.hidden_states_fused(x)
+        if fused and x.is_cuda:
+            return self.hidden_states_fused(x, cache)
         for block in self.backbone.layers:
             if self.gradient_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)  # recomputed in backward
@@ -260,9 +271,9 @@ class MambaLM(nn.Module):
                 x = block(x, cache)
         return self.backbone.norm_f(x)
 
-    def hidden_states_fused(self, x):
-        """The loop of `hidden_states` for training on GPUs: x (b, l, d) fp32 -> (b, l, d) in the
-        mixers' output dtype (bf16 under autocast: the LM head's input).
+    def hidden_states_fused(self, x, cache: InferenceCache | None = None):
+        """The loop of `hidden_states` for GPUs: x (b, l, d) fp32 -> (b, l, d) in the mixers' output
+        dtype (bf16 under autocast: the LM head's input); with a cache, the prefill.
 
         The same blocks cut where upstream cuts them (`Block.forward_fused`): each takes the previous
         block's output and the residual stream, so that the residual add and the next RMSNorm are one
@@ -271,18 +282,18 @@ class MambaLM(nn.Module):
         (di, b * l) matrices: cuBLAS's fast kernels and the scan's vector loads need rows that start
         16-byte aligned (at an odd b * l the products ran 4x slower). So each sequence is padded at its
         end to a multiple of 16 steps; every layer is causal or per step, so the padding changes no
-        real step and receives no gradient.
+        real step and receives no gradient, and the scans stop before it for the cache's states.
         """
         from minivlmamba.triton_norm import add_rms_norm  # here: Triton loads only when used
         b, l, d = x.shape
         lp = l + -l % 16
         out, residual = F.pad(x, (0, 0, 0, lp - l)), None  # (b, lp, d): the embeddings come in as an "output"
         for block in self.backbone.layers:
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and self.training and cache is None:
                 out, residual = torch.utils.checkpoint.checkpoint(block.forward_fused, out, residual,
                                                                   use_reentrant=False)
             else:
-                out, residual = block.forward_fused(out, residual)
+                out, residual = block.forward_fused(out, residual, cache, l if cache is not None else None)
         norm = self.backbone.norm_f
         _, normed = add_rms_norm(out.reshape(b * lp, d), residual, norm.weight, norm.eps)  # (b*lp, d)
         return normed.view(b, lp, d)[:, :l]

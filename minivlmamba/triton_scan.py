@@ -137,8 +137,18 @@ def _grouped(BC):
     return BC.unsqueeze(1) if BC.dim() == 3 else BC  # (b, g, n, l)
 
 
-def _block_d(group, block_d):
-    """Largest power of two <= block_d dividing the group width, so a block reads one group."""
+def _block_d(group, block_d, b=1, di=0, device=None):
+    """Largest power of two <= block_d dividing the group width, so a block reads one group.
+
+    block_d None: 16, halved (down to 2) while the grid would give each multiprocessor fewer than 8
+    programs. A batch-1 prefill has few channels to spread: at di = 5120, 16 channels a program make
+    320 programs of one warp for an H200's 132 multiprocessors, each walking the whole sequence.
+    """
+    if block_d is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        block_d = 16
+        while block_d > 2 and b * triton.cdiv(di, block_d) < 8 * sms:
+            block_d //= 2
     while group % block_d:
         block_d //= 2
     return block_d
@@ -151,7 +161,7 @@ def _strides(x, dims):
 def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, block_d, num_warps, save):
     b, di, l = u.shape
     g, n = B.shape[1], A.shape[1]
-    block_d = _block_d(di // g, block_d)
+    block_d = _block_d(di // g, block_d, b, di, u.device)
     out = torch.empty_like(u)  # in u's layout: channels first in training, so no copy follows
     h0 = torch.empty(b, triton.cdiv(l, save), di, n, device=u.device, dtype=torch.float32)
     last = torch.empty(b, di, n, device=u.device, dtype=torch.float32)
@@ -197,14 +207,15 @@ class SelectiveScanFn(torch.autograd.Function):
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False, chunk=8, block_d=16, num_warps=1,
+                          return_last_state=False, chunk=8, block_d=None, num_warps=1,
                           bwd_chunk=128, bwd_block_d=2, bwd_num_warps=1, bwd_maxnreg=128):
     """The selective scan on fused Triton kernels (same arguments and results as selective_scan_ref).
 
     Args: u, delta, z (b, di, l); A (di, n) fp32; B, C (b, n, l) or (b, g, n, l); D, delta_bias (di,).
     chunk is the forward's steps per tile, bwd_chunk the backward's (both powers of two, chunk
     dividing bwd_chunk, bwd_chunk at most 4096; the forward saves the state every bwd_chunk steps);
-    block_d the channels per program; num_warps the warps per program (forward, and bwd_* for the
+    block_d the channels per program (None: 16, fewer where that leaves the GPU short of programs,
+    as in a batch-1 prefill: `_block_d`); num_warps the warps per program (forward, and bwd_* for the
     backward); bwd_maxnreg caps the backward's registers per thread (fewer registers, more warps
     resident per SM).
     Returns: out (b, di, l) in u's dtype, and last_state (b, di, n) fp32 if return_last_state.

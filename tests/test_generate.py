@@ -1,5 +1,6 @@
 """Generation: decoding == full forward at every position, batched == one at a time, sampling rules,
-the fused step == the readable step, and CUDA-graph replay == eager decoding (GPU only).
+the fused step == the readable step, the fused prefill == the readable prefill, and CUDA-graph
+replay == eager decoding and image encoding (GPU only).
 
 Without CUDA the fused step's Triton kernels run in Triton's interpreter on the CPU.
 """
@@ -117,6 +118,34 @@ def test_fused_step_equals_readable_step(batch):
     torch.testing.assert_close(cache.ssm_state, twin.ssm_state, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("l", [3, 13])  # shorter than the conv window; odd, so padded to 16 steps
+def test_fused_prefill_equals_readable_prefill(l):
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=24, n_layer=2, vocab_size=50, d_state=5, dt_rank=3, scan_backend="triton")
+    lm = MambaLM(cfg).eval().to(DEVICE)
+    embeds = torch.randn(2, l, 24, device=DEVICE)
+    with torch.no_grad():
+        fused, twin = lm.allocate_cache(2), lm.allocate_cache(2)
+        fused.conv_state.fill_(7.0)  # stale values: the prefill must overwrite every one of them
+        fused.ssm_state.fill_(7.0)
+        got = lm.hidden_states_fused(embeds, fused)
+        want = lm.hidden_states(embeds, twin, fused=False)  # the readable loop
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.conv_state, twin.conv_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.ssm_state, twin.ssm_state, rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda
+def test_image_encoder_graph_equals_eager():
+    model = tiny_vlm(device="cuda")
+    for seed in range(2):  # the second call replays the graph the first one captured
+        pixel_values = torch.randn(1, 3, 48, 48, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        with torch.inference_mode():
+            graphed = model.image_tokens(pixel_values, cuda_graph=True).clone()
+            eager = model.image_tokens(pixel_values)
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
 @needs_cuda
 def test_cuda_graph_generation_equals_eager():
     model = tiny_vlm(device="cuda")
@@ -131,6 +160,27 @@ def test_cuda_graph_generation_equals_eager():
     more = torch.randint(2, 50, (2, 3), device="cuda")
     torch.testing.assert_close(model.extend(more, caches[True]), model.extend(more, caches[False], cuda_graph=False),
                                rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda
+def test_programmatic_dependent_launch_changes_nothing():
+    """The same graph with and without PDL gives the same logits and states: a kernel that read its
+    predecessor's output before `gdc_wait` would race, and read stale values (far off, not rounding)."""
+    from minivlmamba import generate
+    torch.manual_seed(0)
+    lm = MambaLM(MambaConfig(d_model=256, n_layer=4, vocab_size=5000)).eval().cuda()  # grids of hundreds of programs
+    ids = torch.randint(0, 5000, (12,), device="cuda")
+    runs, default = [], generate.PDL
+    for pdl in (True, False):
+        generate.PDL = pdl
+        try:
+            decoder = CudaGraphDecoder(lm, 1)
+        finally:
+            generate.PDL = default
+        logits = torch.stack([decoder(ids[t:t + 1]).clone() for t in range(12)])
+        runs.append((logits, decoder.cache.ssm_state.clone(), decoder.cache.conv_state.clone()))
+    for with_pdl, without in zip(*runs):
+        torch.testing.assert_close(with_pdl, without, rtol=1e-5, atol=1e-5)
 
 
 @needs_cuda

@@ -10,7 +10,9 @@ from triton.testing import do_bench
 from minivlmamba.bench.common import copy_bandwidth
 from minivlmamba.cli import Number
 from minivlmamba.config import preset
+from minivlmamba import generate
 from minivlmamba.generate import CudaGraphDecoder, fused_step
+from minivlmamba.triton_scan import selective_scan_triton
 from minivlmamba.vlm import EOT_ID, VLMamba
 
 
@@ -69,6 +71,63 @@ def request(model, pixel_values, prompt, new_tokens):
     return time.perf_counter() - start, first, count
 
 
+def seconds(fn, repeats=5):
+    """Median wall-clock seconds of fn(), the device synchronised before and after each run."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[repeats // 2]
+
+
+def first_token_parts(model, pixel_values, prompt):
+    """The first token's pieces, each timed alone: image encoder (eager, graph), LM prefill (readable, fused)."""
+    image = model.image_tokens(pixel_values, cuda_graph=True)
+    embeds = torch.cat([image, model.lm.backbone.embedding(prompt)], 1)  # (1, p + l, d)
+    cache = model.lm.allocate_cache(1)
+    parts = {
+        "image encoder (tower + connector), eager": lambda: model.image_tokens(pixel_values),
+        "image encoder, CUDA graph": lambda: model.image_tokens(pixel_values, cuda_graph=True),
+        f"LM prefill of {embeds.shape[1]} tokens, readable": lambda: model.lm.hidden_states(embeds, cache, fused=False),
+        f"LM prefill of {embeds.shape[1]} tokens, fused": lambda: model.lm.hidden_states(embeds, cache),
+    }
+    for fn in parts.values():
+        fn()  # warm-up: compiles, captures
+    return {name: seconds(fn) for name, fn in parts.items()}
+
+
+def scan_sweep(di=5120, n=16):
+    """Batch-1 prefill scan (bf16, z, softplus) under a few launch shapes: (l, chunk, block_d, warps) -> ms."""
+    out = {}
+    for l in (768, 16384):
+        u, delta, z = (torch.randn(1, di, l, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        B, C = (torch.randn(1, n, l, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        A = -torch.rand(di, n, device="cuda") - 0.5
+        D, bias = torch.rand(di, device="cuda"), torch.rand(di, device="cuda") - 4
+        for chunk, block_d, warps in ((8, 16, 1), (8, 8, 1), (8, 4, 1), (16, 4, 1), (8, 2, 1), (16, 8, 2)):
+            fn = lambda: selective_scan_triton(u, delta, A, B, C, D, z, bias, True, True, chunk=chunk, block_d=block_d,
+                                               num_warps=warps)
+            out[l, chunk, block_d, warps] = do_bench(fn, return_mode="median")
+    return out
+
+
+def kernel_profile(fn, runs, top=8):
+    """(kernel name, microseconds a run, launches a run) of all kernels together, then of the `top`
+    kernels by device time, over `runs` calls of fn (all together against fn's wall time: is it bound
+    by the GPU or by the launches?)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            fn()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    total = ("all kernels", sum(e.device_time_total for e in rows) / runs, sum(e.count for e in rows) // runs)
+    return [total] + [(e.key[:60], e.device_time_total / runs, e.count // runs) for e in rows[:top]]
+
+
 def transformers_rate(cfg, new_tokens=32):
     """Decode tokens/s of transformers' MambaForCausalLM of the same shapes (its PyTorch path), or None."""
     try:
@@ -124,31 +183,49 @@ def bench_generate(args):
     rates["eager, fused step"] = 1 / (do_bench(lambda: fused_step(lm, ids, cache), return_mode="median") * 1e-3)
     rates["CUDA graph, readable step"] = replay_rate(CudaGraphDecoder(lm, 1, fused=False), 1)
     rates["CUDA graph, matrix products alone"] = products_rate(lm)
+    pdl, generate.PDL = generate.PDL, False
+    rates["CUDA graph, fused step, no PDL"] = replay_rate(CudaGraphDecoder(lm, 1), 1)
+    generate.PDL = pdl
     print("(b) decode at batch 1:")
     for name, rate in rates.items():
         print(f"    {name:<36} {rate:>6.0f} tok/s  {rate / roofline:>4.0%} of the roofline")
     decoders = {}
+    state_bytes = lm.allocate_cache(1).ssm_state.nbytes  # read and written every step, per sequence
     for b in (1, 8, 64):
         decoders[b] = CudaGraphDecoder(lm, b)
-        print(f"    CUDA graph, fused step, batch {b:<3}     {replay_rate(decoders[b], b):>6.0f} tok/s")
+        rate, own = replay_rate(decoders[b], b), b * bw / (weight_bytes + 2 * b * state_bytes)
+        print(f"    CUDA graph, fused step, batch {b:<3}     {rate:>6.0f} tok/s  {rate / own:>4.0%} of its roofline "
+              f"({own:.0f} tok/s: weights + SSM state read and written)")
+    print("(b') first token, each piece alone (median of 5):")
+    for name, sec in first_token_parts(model, pixel_values, prompt).items():
+        print(f"    {name:<48} {sec * 1e3:>6.1f} ms")
 
     print("(c) batch 1 at long context (prefill eager, then decode):")
     decoder = decoders[1]
     for context in (1024, 16384):
-        ids = torch.randint(2, 50000, (1, context), device="cuda")
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        lm.hidden_states(lm.backbone.embedding(ids), decoder.cache)  # prefill into the graph's cache
-        torch.cuda.synchronize()
-        prefill = time.perf_counter() - start
+        embeds = lm.backbone.embedding(torch.randint(2, 50000, (1, context), device="cuda"))
+        lm.hidden_states(embeds, decoder.cache)  # warm-up (a new length class compiles once)
+        readable = seconds(lambda: lm.hidden_states(embeds, decoder.cache, fused=False), 3)
+        prefill = seconds(lambda: lm.hidden_states(embeds, decoder.cache), 3)  # prefill into the graph's cache
         torch.cuda.reset_peak_memory_stats()
         rate = replay_rate(decoder, 1)
-        print(f"    context {context:>5}: prefill {prefill * 1e3:>5.0f} ms ({context / prefill:>6.0f} tok/s), decode "
-              f"{rate:.0f} tok/s, peak GPU memory while decoding {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        print(f"    context {context:>5}: prefill {prefill * 1e3:>5.0f} ms fused ({context / prefill:>6.0f} tok/s; "
+              f"readable {readable * 1e3:.0f} ms), decode {rate:.0f} tok/s, peak GPU memory while decoding "
+              f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
     fused = replay_rate(decoder, 1)
     print(f"(d) roofline: {weight_bytes / 1e9:.2f} GB / {bw / 1e12:.2f} TB/s = {roofline:.0f} tok/s; fused CUDA-graph "
           f"step at batch 1: {fused:.0f} tok/s = {fused / roofline:.0%} of it")
+    if args.sweep:
+        print("(e) batch-1 prefill scan, di 5120, n 16, bf16 (l, chunk, block_d, warps: ms):")
+        print("    " + "  ".join(f"{k}: {ms:.3f}" for k, ms in scan_sweep().items()))
+        print("(f) kernels by device time, us a run (calls a run):")
+        embeds = lm.backbone.embedding(torch.randint(2, 50000, (1, 761), device="cuda"))
+        for title, fn, runs in (("decode step, batch 1, graph", decoder.graph.replay, 20),
+                                ("image encoder, graph", lambda: model.image_tokens(pixel_values, cuda_graph=True), 5),
+                                ("fused LM prefill, 761 tokens", lambda: lm.hidden_states(embeds, decoder.cache), 3)):
+            rows = kernel_profile(fn, runs)
+            print(f"    {title}: " + "; ".join(f"{name} {us:.0f} ({count})" for name, us, count in rows))
     hf = transformers_rate(lm.cfg) if args.transformers else None
     if hf is not None:
         print(f"    transformers MambaForCausalLM (PyTorch path), same shapes, batch 1: {hf:.1f} tok/s "
@@ -162,4 +239,6 @@ def add_parser(sub):
     generate.add_argument("--new-tokens", type=Number(int, 1), default=256, help="tokens generated per request")
     generate.add_argument("--no-transformers", dest="transformers", action="store_false",
                           help="skip the comparison with transformers' MambaForCausalLM")
+    generate.add_argument("--sweep", action="store_true",
+                          help="also sweep the batch-1 scan's launch shapes and profile the step and the prefill")
     generate.set_defaults(run=bench_generate)
