@@ -97,12 +97,12 @@ static void run(const Block *k, float *y, float *states, float *h) {
     }
 }
 
-/* Items it0 .. it1 - 1: y and the last state. */
-void scan_forward(int it0, int it1, int l, int b, int g, int dig, int n, const float *u, const float *delta,
+/* Every item: y and the last state. */
+void scan_forward(int l, int b, int g, int dig, int n, const float *u, const float *delta,
                   const float *A, const float *B, const float *C, float *y, float *last) {
     int di = g * dig;
     float *h = malloc(sizeof(float) * n * W);
-    for (int it = it0; it < it1; it++)
+    for (int it = 0; it < b * g; it++)
         for (int c0 = it % g * dig; c0 < (it % g + 1) * dig; c0 += W) {
             Block *k = block_new(l, b, g, dig, n, it, c0, u, delta, A, B, C);
             run(k, y + (size_t)(it / g) * di + c0, NULL, h);
@@ -113,10 +113,10 @@ void scan_forward(int it0, int it1, int l, int b, int g, int dig, int n, const f
     free(h);
 }
 
-/* Items it0 .. it1 - 1: the gradients of u, delta, A (this batch row's share), B and C. Each block's
+/* Every item: the gradients of u, delta, A (this batch row's share), B and C. Each block's
    states are recomputed forward, then the recurrence runs backward in time; dB and dC are summed
    over the item's channels lane by lane, and over the lanes at the end. */
-void scan_backward(int it0, int it1, int l, int b, int g, int dig, int n, const float *u, const float *delta,
+void scan_backward(int l, int b, int g, int dig, int n, const float *u, const float *delta,
                    const float *A, const float *B, const float *C, const float *dy, const float *dlast,
                    float *du, float *ddelta, float *dA, float *dB, float *dC) {
     int di = g * dig;
@@ -125,7 +125,7 @@ void scan_backward(int it0, int it1, int l, int b, int g, int dig, int n, const 
     float *states = malloc(sizeof(float) * l * nw);
     float *dB_lanes = malloc(sizeof(float) * l * nw), *dC_lanes = malloc(sizeof(float) * l * nw);
     float dt[W], uu[W], x[W], dyt[W], d_x[W], d_dt[W], zero[W] = {0};
-    for (int it = it0; it < it1; it++) {
+    for (int it = 0; it < b * g; it++) {
         int bi = it / g;
         memset(dB_lanes, 0, sizeof(float) * l * nw);
         memset(dC_lanes, 0, sizeof(float) * l * nw);

@@ -8,8 +8,9 @@ time-first tensors and returns the same gradients, and tests/test_scan.py holds 
 
 The C file is compiled once a process (about a second) with the system's C compiler (`$CC`, else
 `cc`) into a temporary folder; where none works, `available()` says why and the scan runs the
-PyTorch path. The work is split by (batch row, group) over torch.get_num_threads() Python threads:
-ctypes lets go of the interpreter lock while C runs.
+PyTorch path. It runs on the calling thread: on the 2-core machines this is built on, a second
+thread (ctypes lets go of the interpreter lock) made the training step slower, not faster, as it
+competed with PyTorch's own threads, which keep spinning on the other core between operations.
 """
 
 import ctypes
@@ -20,7 +21,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -56,22 +56,9 @@ def available() -> bool:
     return _library() is not None
 
 
-@functools.cache
-def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
-    """The threads the kernel runs on, one pool a process (a forked child starts its own)."""
-    return ThreadPoolExecutor(threads, thread_name_prefix="minivlmamba-scan")
-
-
-def _run(fn, items: int, *args):
-    """fn(it0, it1, *args) over items 0 .. items - 1, one range a thread; tensors go by address (args
-    keeps them alive until the threads are done)."""
-    c_args = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
-    threads = max(1, min(torch.get_num_threads(), items))
-    bounds = [items * i // threads for i in range(threads + 1)]
-    if threads == 1:
-        return fn(0, items, *c_args)
-    for future in [_pool(threads, os.getpid()).submit(fn, a, z, *c_args) for a, z in zip(bounds, bounds[1:])]:
-        future.result()
+def _run(fn, *args):
+    """fn(*args) with tensors passed by address (args keeps them alive until fn returns)."""
+    fn(*[ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args])
 
 
 class CScan(torch.autograd.Function):
@@ -83,7 +70,7 @@ class CScan(torch.autograd.Function):
         l, b, g, n = B.shape
         dig = u.shape[-1] // g
         y, last = torch.empty_like(u), u.new_empty(b, g * dig, n)
-        _run(_library().scan_forward, b * g, l, b, g, dig, n, u, delta, A, B, C, y, last)
+        _run(_library().scan_forward, l, b, g, dig, n, u, delta, A, B, C, y, last)
         ctx.save_for_backward(u, delta, A, B, C)
         return y, last
 
@@ -95,6 +82,6 @@ class CScan(torch.autograd.Function):
         dig = u.shape[-1] // g
         du, d_delta, dA = torch.empty_like(u), torch.empty_like(u), u.new_empty(b, g * dig, n)
         dB, dC = torch.empty_like(B), torch.empty_like(C)
-        _run(_library().scan_backward, b * g, l, b, g, dig, n, u, delta, A, B, C, grad_y.contiguous(),
+        _run(_library().scan_backward, l, b, g, dig, n, u, delta, A, B, C, grad_y.contiguous(),
              grad_last.contiguous(), du, d_delta, dA, dB, dC)
         return du, d_delta, dA.sum(0), dB, dC

@@ -151,7 +151,7 @@ class MambaMixer(nn.Module):
         b, l, d = hidden.shape
         di, n, r = self.cfg.d_inner, self.cfg.d_state, self.cfg.dt_rank
         device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.in_proj.weight.dtype
         hidden = hidden.to(dtype).reshape(b * l, d)  # (b*l, d)
         xz = WeightProduct.apply(self.in_proj.weight, hidden.t(), True)  # (2di, b*l)
         x, z = causal_conv1d_silu(xz.view(2, di, b, l), self.conv1d.weight[:, 0], self.conv1d.bias)  # (di, b, l) each

@@ -1,6 +1,6 @@
 """`python -m minivlmamba.bench cpu-scan`, or `python -m minivlmamba.bench.cpu_scan` (which needs no
-Triton): the CPU scan `selective_scan_torch` against the reference at the tiny default's training
-shapes, fp32.
+Triton): the CPU scans, `selective_scan_c` (the C kernel) and `selective_scan_torch`, against the
+reference at the tiny default's training shapes, fp32.
 
 The inputs are laid out as the models pass them. LM layer (mamba.py's `MambaMixer.forward`): u the
 convolution's contiguous (b, di, l) output; delta, z, B, C transposed views of (b, l, .) tensors
@@ -17,11 +17,11 @@ import time
 import torch
 
 from minivlmamba.cli import ArgumentParser, Number, run
-from minivlmamba.scan import selective_scan_ref, selective_scan_torch
+from minivlmamba.cpu_scan import available
+from minivlmamba.scan import selective_scan_c, selective_scan_ref, selective_scan_torch
 
 SHAPES = [  # (name, b, di, l, n, g): g = 1 is the LM layer (ungrouped B, C, a gate z), g = 2 the connector
-    ("LM layer", 16, 192, 48, 16, 1),  # the tiny default: batch 16, d_model 96, 9 image + ~39 text tokens
-    ("LM layer", 16, 192, 96, 16, 1),  # its longest sequences
+    ("LM layer", 16, 192, 96, 16, 1),  # the tiny default: batch 16, d_model 96, 9 image + 87 text tokens
     ("LM layer", 32, 256, 51, 16, 1),  # the previous default's (batch 32, d_model 128)
     ("VSS connector, k=2", 16, 384, 9, 16, 2),
 ]
@@ -87,15 +87,16 @@ def median_ms(fn, repeats):
 
 def bench_cpu_scan(args):
     print(f"CPU: {cpu_model()}   torch {torch.__version__}   threads: {torch.get_num_threads()}")
-    print(f"{'shape':<20} {'b':>3} {'di':>4} {'l':>3} {'g':>2} | {'torch fwd':>9} {'fwd+bwd':>8} | "
-          f"{'ref fwd':>8} {'fwd+bwd':>8}   (ms, median of {args.repeats})")
+    scans = {"C": selective_scan_c, "torch": selective_scan_torch, "ref": selective_scan_ref}
+    if not available():
+        del scans["C"]
+    print(f"{'shape':<20} {'b':>3} {'di':>4} {'l':>3} {'g':>2} | "
+          + " | ".join(f"{name + ' fwd':>9} {'fwd+bwd':>8}" for name in scans) + f"   (ms, median of {args.repeats})")
     for name, b, di, l, n, g in SHAPES:
         inputs = scan_inputs(b, di, l, n, g)
-        fast_fwd, fast_both, ref_fwd, ref_both = (median_ms(fn, args.repeats)
-                                                  for scan in (selective_scan_torch, selective_scan_ref)
-                                                  for fn in timers(scan, *inputs))
-        print(f"{name:<20} {b:>3} {di:>4} {l:>3} {g:>2} | {fast_fwd:>9.2f} {fast_both:>8.2f} | "
-              f"{ref_fwd:>8.2f} {ref_both:>8.2f}")
+        times = [[median_ms(fn, args.repeats) for fn in timers(scan, *inputs)] for scan in scans.values()]
+        print(f"{name:<20} {b:>3} {di:>4} {l:>3} {g:>2} | "
+              + " | ".join(f"{fwd:>9.2f} {both:>8.2f}" for fwd, both in times))
 
 
 def add_arguments(parser):
@@ -103,7 +104,8 @@ def add_arguments(parser):
 
 
 def add_parser(sub):
-    cpu = sub.add_parser("cpu-scan", help="selective scan on the CPU: the torch path vs the reference, tiny shapes")
+    cpu = sub.add_parser("cpu-scan",
+                         help="selective scan on the CPU: the C and torch paths vs the reference, tiny shapes")
     add_arguments(cpu)
     cpu.set_defaults(run=bench_cpu_scan)
 
