@@ -84,6 +84,8 @@ SMALL = {
     "python -m minivlmamba.bench scan": "bench: python -m minivlmamba.bench scan --help",
     "python -m minivlmamba.bench generate": "bench: python -m minivlmamba.bench generate --help",
     "python -m minivlmamba.bench train": "bench: python -m minivlmamba.bench train --help",
+    "torchrun --nproc_per_node=2 -m minivlmamba.bench train --fsdp":
+        "bench: torchrun --nproc_per_node=2 -m minivlmamba.bench train --fsdp --help",
 }
 
 
@@ -187,7 +189,8 @@ def test_the_papers_recipe_on_a_toy_llava_folder(tmp_path):
 
 def test_the_benchmarks_help(tmp_path):
     for small, log in run_group("bench", tmp_path).items():
-        assert log.startswith("usage: python -m minivlmamba.bench " + small.split()[3]), log
+        command = small.split("minivlmamba.bench ")[1].split()[0]  # scan, generate or train
+        assert log.startswith(f"usage: python -m minivlmamba.bench {command}"), log  # (each process's, under torchrun)
 
 
 def test_the_install_lines_are_what_ci_runs():
@@ -215,3 +218,12 @@ def test_hf_download_gets_what_the_presets_read():
             assert f"--data {name}" in README
         elif name != "huggingface_hub":
             assert name in (paper.vision_path, paper.lm_path) or f'tokenizer="{name}"' in train_py, name
+
+
+def test_the_readmes_links_reach_their_files_and_headings():
+    anchor = lambda heading: re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")  # GitHub's rule
+    for path, heading in re.findall(r"\]\(((?:notes|tests)/[^)#]+)(?:#([^)]+))?\)", README):
+        assert (ROOT / path).is_file(), path
+        if heading:
+            headings = re.findall(r"^#+ (.+)$", (ROOT / path).read_text(), re.M)
+            assert heading in map(anchor, headings), f"{path}#{heading}"
