@@ -78,7 +78,9 @@ class VSS(nn.Module):
         b, p, _ = x.shape
         k, di, n, r = self.k, self.di, self.n, self.r
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, p, di) each
-        x = rearrange(x, "b p di -> b di p").reshape(b, di, self.hp, self.wp)  # (b, di, hp, wp)
+        # (b, di, hp, wp), copied contiguous for the conv: a permuted view (rearrange straight to the
+        # grid) would give the same outputs but in_proj's gradient in another order of float sums
+        x = rearrange(x, "b p di -> b di p").reshape(b, di, self.hp, self.wp)
         x = rearrange(F.silu(self.conv2d(x)), "b di hp wp -> b di (hp wp)")  # 3x3 neighbourhoods mixed
         xs = self.cross_scan(x)  # (b, k, di, p)
         x_dbl = einsum(xs, self.x_proj_weight, "b k di p, k c di -> b k c p")  # (b, k, r + 2n, p)
