@@ -78,8 +78,8 @@ class VSS(nn.Module):
         b, p, _ = x.shape
         k, di, n, r = self.k, self.di, self.n, self.r
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, p, di) each
-        # (b, di, hp, wp), copied contiguous for the conv: a permuted view (rearrange straight to the
-        # grid) would give the same outputs but in_proj's gradient in another order of float sums
+        # (b, di, hp, wp), copied contiguous: a permuted view (rearrange straight to the grid) is
+        # channels-last, and the conv would run another kernel and return channels-last output
         x = rearrange(x, "b p di -> b di p").reshape(b, di, self.hp, self.wp)
         x = rearrange(F.silu(self.conv2d(x)), "b di hp wp -> b di (hp wp)")  # 3x3 neighbourhoods mixed
         xs = self.cross_scan(x)  # (b, k, di, p)
