@@ -130,10 +130,12 @@ def run_group(group, folder, port=None):
 
 def serve(command, folder):
     """Start `chat.py --web`, wait until it says where it serves, stop it."""
-    proc = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = folder / "web.log"
+    with open(log, "w") as stderr:  # a file, not a pipe: a full pipe would stall the server
+        proc = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
         line = proc.stdout.readline()
-        assert line.startswith("talk to out/tiny at http://127.0.0.1:"), line + proc.stderr.read()
+        assert line.startswith("talk to out/tiny at http://127.0.0.1:"), line + log.read_text()
     finally:
         proc.terminate()
         proc.wait()
