@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import einsum, rearrange, repeat
 
 from minivlmamba.mamba import init_dt
 from minivlmamba.scan import selective_scan
@@ -34,7 +35,7 @@ def scan_orders(hp: int, wp: int, scan: str) -> torch.Tensor:
     if scan == "bsm":
         return torch.stack([raster, raster.flip(0)])
     if scan == "csm":
-        column = raster.view(hp, wp).t().reshape(-1)  # (p,): walk down each column
+        column = rearrange(raster, "(hp wp) -> (wp hp)", hp=hp)  # (p,): walk down each column
         return torch.stack([raster, column, raster.flip(0), column.flip(0)])
     raise ValueError(f"unknown scan {scan!r}: expected one of {SCANS}")
 
@@ -64,28 +65,33 @@ class VSS(nn.Module):
     def cross_scan(self, x):
         """(b, di, p) -> (b, k, di, p): the sequence each direction reads. (index_select, not x[:, :,
         order]: the same values, but advanced indexing's backward sorts the indices, ~1 ms a sample.)"""
-        picked = x.index_select(2, self.order.flatten()).unflatten(2, self.order.shape)  # (b, di, k, p)
-        return picked.transpose(1, 2)
+        picked = x.index_select(2, rearrange(self.order, "k p -> (k p)"))  # (b, di, k*p)
+        return rearrange(picked, "b di (k p) -> b k di p", k=self.k)
 
     def cross_merge(self, ys):
         """(b, k, di, p) -> (b, di, p): put each direction back in patch order, then sum."""
-        index = self.unorder[None, :, None, :].expand_as(ys)  # (b, k, di, p)
+        b, _, di, _ = ys.shape
+        index = repeat(self.unorder, "k p -> b k di p", b=b, di=di)  # a view: unorder read b * di times
         return torch.gather(ys, 3, index).sum(1)
 
     def forward(self, x):
         b, p, _ = x.shape
         k, di, n, r = self.k, self.di, self.n, self.r
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, p, di) each
-        x = x.transpose(1, 2).reshape(b, di, self.hp, self.wp)  # (b, di, hp, wp)
-        x = F.silu(self.conv2d(x)).flatten(2)  # (b, di, p): a 3x3 neighbourhood mixed into each patch
+        # (b, di, hp, wp), copied contiguous: a permuted view (rearrange straight to the grid) is
+        # channels-last, and the conv would run another kernel and return channels-last output
+        x = rearrange(x, "b p di -> b di p").reshape(b, di, self.hp, self.wp)
+        x = rearrange(F.silu(self.conv2d(x)), "b di hp wp -> b di (hp wp)")  # 3x3 neighbourhoods mixed
         xs = self.cross_scan(x)  # (b, k, di, p)
-        x_dbl = torch.einsum("bkdp,kcd->bkcp", xs, self.x_proj_weight)  # (b, k, r + 2n, p)
+        x_dbl = einsum(xs, self.x_proj_weight, "b k di p, k c di -> b k c p")  # (b, k, r + 2n, p)
         dts, Bs, Cs = x_dbl.split([r, n, n], dim=2)  # (b, k, r, p), (b, k, n, p), (b, k, n, p)
-        deltas = torch.einsum("bkrp,kdr->bkdp", dts, self.dt_projs_weight)  # (b, k, di, p)
-        ys = selective_scan(xs.reshape(b, k * di, p), deltas.reshape(b, k * di, p), -torch.exp(self.A_logs.float()),
-                            Bs, Cs, self.Ds.float(), delta_bias=self.dt_projs_bias.float().view(-1),
+        deltas = einsum(dts, self.dt_projs_weight, "b k r p, k di r -> b k di p")  # (b, k, di, p)
+        ys = selective_scan(rearrange(xs, "b k di p -> b (k di) p"), rearrange(deltas, "b k di p -> b (k di) p"),
+                            -torch.exp(self.A_logs.float()), Bs, Cs, self.Ds.float(),
+                            delta_bias=rearrange(self.dt_projs_bias.float(), "k di -> (k di)"),
                             delta_softplus=True, backend=self.scan_backend)  # (b, k * di, p), group i = direction i
-        y = self.cross_merge(ys.view(b, k, di, p)).transpose(1, 2)  # (b, p, di)
+        y = self.cross_merge(rearrange(ys, "b (k di) p -> b k di p", k=k))  # (b, di, p)
+        y = rearrange(y, "b di p -> b p di")
         return self.out_proj(self.out_norm(y) * F.silu(z))  # (b, p, width)
 
 

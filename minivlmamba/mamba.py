@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from einops import rearrange
 
 from minivlmamba.scan import selective_scan, selective_state_update
 from minivlmamba.weight_product import WeightProduct
@@ -114,19 +115,19 @@ class MambaMixer(nn.Module):
         if cache is None and hidden.is_cuda:
             return self.forward_channels_first(hidden)
         l = hidden.shape[1]
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (b, di, l) each
+        x, z = rearrange(self.in_proj(hidden), "b l (xz di) -> xz b di l", xz=2)  # (b, di, l) each
         if cache is not None:  # keep the last d_conv inputs, left-padded with zeros if l < d_conv
             cache.conv_state[self.layer_idx].copy_(F.pad(x, (self.cfg.d_conv - l, 0)))
         x = F.silu(self.conv1d(x)[..., :l])  # (b, di, l): the padding makes the conv causal
-        delta, B, C = self.ssm_params(x.transpose(1, 2))
-        y = selective_scan(x, delta.transpose(1, 2), -torch.exp(self.A_log.float()),
-                           B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
+        delta, B, C = self.ssm_params(rearrange(x, "b di l -> b l di"))  # (b, l, di), (b, l, n), (b, l, n)
+        y = selective_scan(x, rearrange(delta, "b l di -> b di l"), -torch.exp(self.A_log.float()),
+                           rearrange(B, "b l n -> b n l"), rearrange(C, "b l n -> b n l"), self.D.float(), z=z,
                            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
                            return_last_state=cache is not None, backend=self.cfg.scan_backend)
         if cache is not None:
             y, last_state = y
             cache.ssm_state[self.layer_idx].copy_(last_state)
-        return self.out_proj(y.transpose(1, 2))  # (b, l, d)
+        return self.out_proj(rearrange(y, "b di l -> b l di"))  # (b, l, d)
 
     def forward_channels_first(self, hidden, cache: InferenceCache | None = None, steps=None):
         """The forward above, with every (di)-wide tensor kept channels first: (di, b * l), each

@@ -27,6 +27,7 @@ run fast on a CPU; the fused GPU kernels live in `triton_scan.py`.
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 from torch.autograd.function import once_differentiable
 
 from minivlmamba import cpu_scan
@@ -37,9 +38,8 @@ BACKENDS = ("triton", "c", "torch", "ref")
 def _per_channel(BC: torch.Tensor, di: int) -> torch.Tensor:
     """Expand B or C to one row per channel: (b, n, l) or (b, g, n, l) -> (b, di, n, l)."""
     if BC.dim() == 3:
-        return BC.unsqueeze(1)  # (b, 1, n, l), broadcasts over every channel
-    g = BC.shape[1]
-    return BC.repeat_interleave(di // g, dim=1)  # (b, di, n, l): channel c reads group c // (di // g)
+        return rearrange(BC, "b n l -> b 1 n l")  # broadcasts over every channel
+    return repeat(BC, "b g n l -> b (g dig) n l", dig=di // BC.shape[1])  # channel c reads group c // dig
 
 
 def _softplus_delta(delta, delta_bias, delta_softplus):
@@ -70,20 +70,20 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     u = u.float()
     delta = _softplus_delta(delta, delta_bias, delta_softplus)  # (b, di, l)
     b, di, l = u.shape
-    B = _per_channel(B.float(), di)  # (b, di or 1, n, l)
-    C = _per_channel(C.float(), di)  # (b, di or 1, n, l)
+    B = rearrange(_per_channel(B.float(), di), "b c n l -> b c l n")  # c: di channels, or 1 shared by all
+    C = rearrange(_per_channel(C.float(), di), "b c n l -> b c l n")
     A = A.float()
 
     # Discretize every step at once: how much of h survives step t, and what u_t writes into it.
     decay = torch.exp(delta[..., None] * A[:, None, :])  # (b, di, l, n): exp(delta_t A)
-    drive = (delta * u)[..., None] * B.transpose(-1, -2)  # (b, di, l, n): delta_t B_t u_t
+    drive = (delta * u)[..., None] * B  # (b, di, l, n): delta_t B_t u_t
 
     h = u.new_zeros(b, di, A.shape[1])  # (b, di, n): the state starts at zero
     states = []
     for decay_t, drive_t in zip(decay.unbind(2), drive.unbind(2)):  # one time step at a time
         h = decay_t * h + drive_t
         states.append(h)
-    y = (torch.stack(states, dim=2) * C.transpose(-1, -2)).sum(-1)  # (b, di, l): y_t = C_t . h_t
+    y = (torch.stack(states, dim=2) * C).sum(-1)  # (b, di, l): y_t = C_t . h_t
 
     out = _skip_and_gate(y, u, D, z).to(dtype_in)
     return (out, h) if return_last_state else out

@@ -1,6 +1,7 @@
 """The vision tower: a ViT that turns an image into a grid of patch features, and its preprocessing.
 
-Shape legend: b batch, p image patches (hp * wp), hp, wp patch grid, dv vision width.
+Shape legend: b batch, p image patches (hp * wp), hp, wp patch grid, dv vision width,
+h attention heads, hd the width of a head (dv / h).
 
 One class expresses both families VL-Mamba tried (paper section 4.3):
 - CLIP ViT-L/14-336 (transformers `modeling_clip.py`): class token, pre-LayerNorm, quick_gelu,
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from PIL import Image
 
 
@@ -70,7 +72,7 @@ class Embeddings(nn.Module):
 
     def forward(self, pixel_values):
         """pixel_values (b, 3, H, W) -> (b, p (+1 class token), dv)"""
-        x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (b, p, dv), row-major patches
+        x = rearrange(self.patch_embedding(pixel_values), "b dv hp wp -> b (hp wp) dv")  # row-major patches
         if hasattr(self, "class_embedding"):
             x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype), x], dim=1)
         return x + self.position_embedding.weight
@@ -83,11 +85,11 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(cfg.width, cfg.width) for _ in range(4))
 
     def forward(self, x):
-        b, p, dv = x.shape
-        q, k, v = (proj(x).view(b, p, self.heads, -1).transpose(1, 2)  # (b, heads, p, dv / heads)
+        """x (b, p, dv) -> (b, p, dv)"""
+        q, k, v = (rearrange(proj(x), "b p (h hd) -> b h p hd", h=self.heads)  # (b, h, p, hd) each
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v)  # (b, heads, p, dv / heads), every patch sees every patch
-        return self.out_proj(y.transpose(1, 2).reshape(b, p, dv))
+        y = F.scaled_dot_product_attention(q, k, v)  # (b, h, p, hd), every patch sees every patch
+        return self.out_proj(rearrange(y, "b h p hd -> b p (h hd)"))  # (b, p, dv)
 
 
 class MLP(nn.Module):

@@ -30,7 +30,9 @@ def components(folder):
         return f.metadata()["components"], {name.split(".")[0] for name in f.keys()}
 
 
-def test_stage1_stage2_chat(tmp_path):
+def toy_llava_folder(tmp_path):
+    """Toy pretrained checkpoints (tok/, mamba/ in the state-spaces layout, siglip/ vision-only) and a
+    LLaVA-format data.json over images/: four scenes, one missing image, one text-only sample."""
     tokenizer = train_tokenizer("zephyr")
     (tmp_path / "tok").mkdir()
     tokenizer.save(str(tmp_path / "tok" / "tokenizer.json"))
@@ -47,9 +49,12 @@ def test_stage1_stage2_chat(tmp_path):
             dict(**{"from": "human"}, value="<image>\nWhat is in the picture?"), dict(**{"from": "gpt"}, value="shapes.")]))
     records.append(dict(id="gone", image="missing.png", conversations=records[0]["conversations"]))
     records.append(dict(id="text", conversations=[dict(**{"from": "human"}, value="Hi"), dict(**{"from": "gpt"}, value="Hello.")]))
-    data = tmp_path / "data.json"
-    data.write_text(json.dumps(records))
+    (tmp_path / "data.json").write_text(json.dumps(records))
 
+
+def test_stage1_stage2_chat(tmp_path):
+    toy_llava_folder(tmp_path)
+    data, images = tmp_path / "data.json", tmp_path / "images"
     common = ["--data", data, "--image-folder", images, "--steps", 3, "--batch-size", 6, "--workers", 0, "--log-every", 1]
     log = train("--preset", "vl-mamba-2.8b", "--vision", tmp_path / "siglip", "--lm", tmp_path / "mamba",
                 "--tokenizer", tmp_path / "tok", "--stage", 1, "--out", tmp_path / "stage1", *common)
