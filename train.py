@@ -399,6 +399,7 @@ def main():
     elif master:
         log(f"saved {out}/ ({time.time() - t0:.0f} s, {skipped} bad samples skipped)")
     if distributed:
+        dist.barrier()  # no process tears its group down while another still uses it (gloo aborted, once)
         dist.destroy_process_group()
 
 
