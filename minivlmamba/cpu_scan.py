@@ -2,7 +2,8 @@
 
 The PyTorch path (`scan._SelectiveScan`) is as fast as a dozen elementwise passes over chunks of
 states can be; the kernel keeps each block of channels' state in cache for the whole sequence
-instead, 3-4x faster again on the tiny default's step (`bench cpu-scan`). It takes the same
+instead: the recurrence alone about 4x faster at the tiny default's LM shape, the whole scan with
+its softplus, skip and gate 1.8x (`bench cpu-scan`), the training step 15-25%. It takes the same
 time-first tensors and returns the same gradients, and tests/test_scan.py holds it to
 `selective_scan_ref` like the PyTorch path.
 
