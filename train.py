@@ -45,7 +45,7 @@ from minivlmamba.connector import CONNECTORS, SCANS
 from minivlmamba.data import LlavaDataset, collate, collate_good, encode_sample, sample_order
 from minivlmamba.pretrained import load_tokenizer
 from minivlmamba.shapes import FAMILIES, held_out_set, pretrain_tower, train_tokenizer, training_sample
-from minivlmamba.templates import encode_turn
+from minivlmamba.templates import IGNORE, encode_turn
 from minivlmamba.vlm import peak_bf16_flops
 
 # The flags that decide what a run computes, with their defaults. The parser leaves them None when not
@@ -361,7 +361,8 @@ def main():
             (loss / r.grad_accum).backward()
             losses.append(loss.item())
             tokens += (input_ids.numel() + pixel_values.shape[0] * cfg.vision.num_patches) * world
-            flops += raw_model.training_flops(input_ids.shape[1]) * input_ids.shape[0] * world
+            samples, labelled = len(input_ids), (batch[2] != IGNORE).sum().item()  # batch: still on the CPU
+            flops += raw_model.training_flops(input_ids.shape[1], labelled / samples) * samples * world
         if skipped and not learned and skipped >= min(100, len(dataset)):  # nothing to learn from: stop before saving
             raise UserError(f"the first {skipped} samples of {r.data} were all bad (the first: {first_bad}); "
                             "check --data and --image-folder")

@@ -5,7 +5,7 @@
    block's state, h[n][W], stays in the first-level cache from the first step to the last: one
    pass, no tensor of states in memory. Every loop over j (the W channels of a block) is
    vectorised by the compiler: one AVX-512 vector of fp32, two AVX2 ones. cpu_scan.py compiles
-   this file with the system's C compiler and calls it on a few threads through ctypes.
+   this file with the system's C compiler and calls it through ctypes, on the calling thread.
 
    Layouts, as _SelectiveScan's (fp32, contiguous, time first; item it = bi * g + gi):
        u, delta, y, dy, du, ddelta    (l, b, di)      delta after bias and softplus
@@ -176,4 +176,73 @@ void scan_backward(int l, int b, int g, int dig, int n, const float *u, const fl
             }
     }
     free(h); free(gs); free(dA_k); free(states); free(dB_lanes); free(dC_lanes);
+}
+
+/* The Mamba layer's causal depthwise convolution + SiLU (mamba.py's `causal_conv1d_silu`), forward
+   and backward. PyTorch runs it as a padded conv1d, a slice and a SiLU, each a pass over memory and
+   the conv's backward a slow generic one; here one pass a direction, vectorised over channels.
+
+   Layouts (fp32): x (b, l, di) with channels contiguous and rows sb, st elements apart (a slice of
+   in_proj's output); w (k, di), tap j reading x_{t - (k-1) + j}; bias (di); y, dy, dx (b, l, di)
+   contiguous; dw (k, di) and dbias (di) summed over the batch.
+       p_t = bias + sum_j w_j x_{t-(k-1)+j},  y_t = p_t s(p_t),  s = sigmoid
+       dp_t = dy_t s(p_t) (1 + p_t (1 - s(p_t))),  dx_t = sum_j w_j dp_{t+(k-1)-j},
+       dw_j = sum_t dp_t x_{t-(k-1)+j},  dbias = sum_t dp_t                                           */
+
+/* p_t of one batch row's step t into out (di). */
+static void conv_step(int t, int di, int k, const float *x, size_t st, const float *w, const float *bias,
+                      float *restrict out) {
+    for (int c = 0; c < di; c++) out[c] = bias[c];
+    for (int j = t < k - 1 ? k - 1 - t : 0; j < k; j++) {
+        const float *in = x + (size_t)(t - (k - 1) + j) * st, *wj = w + (size_t)j * di;
+        for (int c = 0; c < di; c++) out[c] += wj[c] * in[c];
+    }
+}
+
+static inline float sigmoid(float p) { return 1.0f / (1.0f + exp2_fast(-p * LOG2_E)); }
+
+void conv_forward(int b, int l, int di, int k, const float *x, int sb, int st, const float *w,
+                  const float *bias, float *y) {
+    for (int bi = 0; bi < b; bi++)
+        for (int t = 0; t < l; t++) {
+            float *out = y + ((size_t)bi * l + t) * di;
+            conv_step(t, di, k, x + (size_t)bi * sb, st, w, bias, out);
+            for (int c = 0; c < di; c++) out[c] *= sigmoid(out[c]);
+        }
+}
+
+void conv_backward(int b, int l, int di, int k, const float *x, int sb, int st, const float *w,
+                   const float *bias, const float *dy, float *dx, float *dw, float *dbias) {
+    float *dp = malloc(sizeof(float) * l * di);  /* one batch row's dp, (l, di) */
+    memset(dw, 0, sizeof(float) * k * di);
+    memset(dbias, 0, sizeof(float) * di);
+    for (int bi = 0; bi < b; bi++) {
+        const float *xb = x + (size_t)bi * sb, *dyb = dy + (size_t)bi * l * di;
+        float *dxb = dx + (size_t)bi * l * di;
+        for (int t = 0; t < l; t++) {
+            float *restrict p = dp + (size_t)t * di;
+            conv_step(t, di, k, xb, st, w, bias, p);
+            for (int c = 0; c < di; c++) {
+                float s = sigmoid(p[c]);
+                p[c] = dyb[(size_t)t * di + c] * s * (1.0f + p[c] * (1.0f - s));
+                dbias[c] += p[c];
+            }
+        }
+        for (int s = 0; s < l; s++) {  /* x_s feeds p_t for t = s + (k-1) - j */
+            float *restrict out = dxb + (size_t)s * di;
+            const float *restrict in = xb + (size_t)s * st;
+            for (int c = 0; c < di; c++) out[c] = 0.0f;
+            for (int j = 0; j < k; j++) {
+                int t = s + (k - 1) - j;
+                if (t >= l) continue;
+                const float *restrict wj = w + (size_t)j * di, *restrict dpt = dp + (size_t)t * di;
+                float *restrict dwj = dw + (size_t)j * di;
+                for (int c = 0; c < di; c++) {
+                    out[c] += wj[c] * dpt[c];
+                    dwj[c] += dpt[c] * in[c];
+                }
+            }
+        }
+    }
+    free(dp);
 }

@@ -42,7 +42,8 @@ def _library():
             result = subprocess.run([*compiler, *_FLAGS, *arch, _SOURCE, "-o", path], capture_output=True, text=True)
             if result.returncode == 0:
                 lib = ctypes.CDLL(path)
-                lib.scan_forward.restype = lib.scan_backward.restype = None
+                for fn in lib.scan_forward, lib.scan_backward, lib.conv_forward, lib.conv_backward:
+                    fn.restype = None
                 return lib
             why = f"{' '.join(compiler)} failed: {(result.stderr.strip().splitlines() or ['no message'])[-1]}"
     finally:
@@ -86,3 +87,29 @@ class CScan(torch.autograd.Function):
         _run(_library().scan_backward, l, b, g, dig, n, u, delta, A, B, C, grad_y.contiguous(),
              grad_last.contiguous(), du, d_delta, dA, dB, dC)
         return du, d_delta, dA.sum(0), dB, dC
+
+
+class CConv1dSilu(torch.autograd.Function):
+    """mamba.py's causal depthwise convolution + SiLU, computed by cpu_scan.c: x (b, l, di) fp32 (no
+    copy where its channels are contiguous, as in a slice of in_proj's output), weight (di, k), bias
+    (di) -> (b, l, di)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        b, l, di = x.shape
+        x = x if x.stride(2) == 1 else x.contiguous()
+        w = weight.t().contiguous()  # (k, di): each tap's weights contiguous, as the channels are
+        y = x.new_empty(b, l, di)
+        _run(_library().conv_forward, b, l, di, w.shape[0], x, x.stride(0), x.stride(1), w, bias, y)
+        ctx.save_for_backward(x, w, bias)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, w, bias = ctx.saved_tensors
+        b, l, di = x.shape
+        dx, dw, dbias = x.new_empty(b, l, di), torch.empty_like(w), torch.empty_like(bias)
+        _run(_library().conv_backward, b, l, di, w.shape[0], x, x.stride(0), x.stride(1), w, bias,
+             grad_y.contiguous(), dx, dw, dbias)
+        return dx, dw.t(), dbias

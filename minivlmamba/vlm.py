@@ -65,18 +65,21 @@ class VLMamba(nn.Module):
         return self.encoders[key](pixel_values)
 
     def forward(self, pixel_values, input_ids, labels=None):
-        """-> (logits (b, l, v) for the text positions, mean loss over labelled tokens or None).
+        """Without labels -> (logits (b, l, v) for the text positions, None); with labels (b, l) ->
+        (logits (m, v) for the m labelled positions in order, their mean loss).
 
         logits[:, i] predicts input_ids[:, i], so the first text token is predicted by the last
-        image token: we never compute (or pay for) logits on the other image positions.
+        image token: we never compute (or pay for) logits on the other image positions, and in
+        training not on the unlabelled text either (the questions: 4-5 of every 5 text tokens in the
+        tiny default, whose head and log-softmax were 7% of a CPU step).
         """
         p = self.cfg.vision.num_patches
-        hidden = self.lm.hidden_states(self.embed(pixel_values, input_ids))  # (b, p + l, d)
-        logits = self.lm.lm_head(hidden[:, p - 1:-1])  # (b, l, v)
+        hidden = self.lm.hidden_states(self.embed(pixel_values, input_ids))[:, p - 1:-1]  # (b, l, d)
         if labels is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-        return logits, loss
+            return self.lm.lm_head(hidden), None
+        labelled = labels != IGNORE  # (b, l)
+        logits = self.lm.lm_head(hidden[labelled])  # (m, v)
+        return logits, F.cross_entropy(logits.float(), labels[labelled])
 
     def shard(self, mesh):
         """Fully sharded data parallel (PyTorch's FSDP2) over mesh: each process stores 1/world of every
@@ -91,16 +94,17 @@ class VLMamba(nn.Module):
             register_fsdp_forward_method(block, "forward_fused")
         fully_shard(self, mesh=mesh)
 
-    def training_flops(self, text_tokens):
+    def training_flops(self, text_tokens, labelled_tokens):
         """Model FLOPs of one training sample, for MFU: each weight counts once per token it
         multiplies, 6 times (forward 2, backward 4) for the connector and LM, 2 (forward only) for the
         vision tower, taken as frozen. The LM body reads image and text tokens, the LM head (the tied
-        embedding) only the text positions, the connector and the tower only the image. The scans and
-        the tower's attention scores are not weight products and are left out (the norms',
-        convolutions' and SSM's own parameters, under 0.5% of the count, are counted as if they were)."""
+        embedding) only the labelled text positions (see `forward`), the connector and the tower only
+        the image. The scans and the tower's attention scores are not weight products and are left
+        out (the norms', convolutions' and SSM's own parameters, under 0.5% of the count, are counted
+        as if they were)."""
         count = lambda module: sum(p.numel() for p in module.parameters())  # tied weights counted once
         image, head = self.cfg.vision.num_patches, self.lm.lm_head.weight.numel()
-        return (6 * (count(self.lm) - head) * (image + text_tokens) + 6 * head * text_tokens
+        return (6 * (count(self.lm) - head) * (image + text_tokens) + 6 * head * labelled_tokens
                 + 6 * count(self.connector) * image + 2 * count(self.vision) * image)
 
     @torch.inference_mode()

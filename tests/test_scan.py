@@ -1,13 +1,15 @@
-"""The reference selective scan against an independent formula, its decode step against the scan, and
-the fast CPU paths (PyTorch and C) against the reference."""
+"""The reference selective scan against an independent formula, its decode step against the scan, the
+fast CPU paths (PyTorch and C) against the reference, and the C causal convolution against conv1d."""
 
 import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from minivlmamba import cpu_scan, scan
+from minivlmamba.mamba import causal_conv1d_silu
 from minivlmamba.scan import (selective_scan, selective_scan_c, selective_scan_ref, selective_scan_torch,
                               selective_state_update_ref)
 
@@ -160,6 +162,33 @@ def test_c_path_decays_that_underflow():
     x = random_inputs(di=16, l=9)  # delta around 30 and A down to -30: exp(delta A) far below fp32's smallest
     x = dict(x, delta=x["delta"].abs() + 30, A=30 * x["A"])
     assert_same(*scan_both(x, selective_scan_c, delta_softplus=True, return_last_state=True))
+
+
+@pytest.mark.parametrize("b, di, l, k", [(2, 24, 7, 4), (3, 40, 2, 4), (1, 17, 1, 4), (2, 8, 5, 2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_c_conv_matches_conv1d_and_silu_values_and_gradients(b, di, l, k, bias):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(di, di, k, groups=di, padding=k - 1, bias=bias)
+    xz = torch.randn(b, l, 2 * di, requires_grad=True)  # x is a slice of it, as of in_proj's output
+    dy = torch.randn(b, di, l)
+    results = []
+    for backend in ("c", "ref"):
+        y = causal_conv1d_silu(rearrange(xz[..., :di], "b l di -> b di l"), conv, backend)
+        results.append((y, *torch.autograd.grad(y, (xz, *conv.parameters()), dy)))
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mixer_takes_the_c_conv_on_cpu_only_for_fp32(monkeypatch):
+    calls, original = [], cpu_scan.CConv1dSilu.apply
+    monkeypatch.setattr(cpu_scan.CConv1dSilu, "apply", lambda *a: calls.append(a) or original(*a))
+    conv, x = torch.nn.Conv1d(8, 8, 4, groups=8, padding=3), torch.randn(2, 8, 5)
+    expected = F.silu(conv(x)[..., :5])
+    torch.testing.assert_close(causal_conv1d_silu(x, conv), expected)
+    assert len(calls) == 1
+    causal_conv1d_silu(x, conv, "torch")
+    causal_conv1d_silu(x.bfloat16(), conv.bfloat16())
+    assert len(calls) == 1
 
 
 @FAST

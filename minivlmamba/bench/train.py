@@ -83,7 +83,7 @@ def check_autocast(model, batch, text_tokens):
     products = sum(flops for op, flops in counter.get_flop_counts()["Global"].items() if "convolution" not in str(op))
     print(f"FLOPs of one sample: torch's FlopCounterMode {products / 1e12:.2f} T (matrix products and attention, "
           f"convolutions left out: it counts a depthwise one's backward as dense), "
-          f"training_flops {model.training_flops(text_tokens) / 1e12:.2f} T")
+          f"training_flops {model.training_flops(text_tokens, text_tokens) / 1e12:.2f} T")
 
 
 def trial_step(model, optimizer, params, cfg, micro, text_tokens):
@@ -175,7 +175,7 @@ def bench_train(args):
     cfg, text = model.cfg, args.text_tokens
     count = lambda module: sum(p.numel() for p in module.parameters())
     image = cfg.vision.num_patches
-    flops = model.training_flops(text)
+    flops = model.training_flops(text, text)  # random_batch labels every text token
     flops_issue = 6 * (count(model.lm) + count(model.connector)) * (image + text) + 2 * count(model.vision) * image
     mode = f"{world} GPUs, {'FSDP' if args.fsdp else 'DDP'}" if distributed else "1 GPU"
     say(f"device: {card}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB   copy bandwidth "
