@@ -37,6 +37,7 @@ class MambaConfig:
     dt_rank: int = 0  # r; 0 means "auto": ceil(d_model / 16)
     pad_vocab_size_multiple: int = 8
     norm_eps: float = 1e-5
+    embedding_std: float = 0.02  # upstream's init; a pretrained LM overwrites it
     scan_backend: str = "auto"
 
     def __post_init__(self):
@@ -253,9 +254,10 @@ class MambaLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """Upstream's init: small embeddings, dt log-uniform in [1e-3, 1e-1], out_proj scaled down."""
+        """Upstream's init: small embeddings (cfg.embedding_std), dt log-uniform in [1e-3, 1e-1],
+        out_proj scaled down."""
         cfg = self.cfg
-        nn.init.normal_(self.backbone.embedding.weight, std=0.02)
+        nn.init.normal_(self.backbone.embedding.weight, std=cfg.embedding_std)
         for block in self.backbone.layers:
             mixer = block.mixer
             init_dt(mixer.dt_proj.weight, mixer.dt_proj.bias)
