@@ -1,4 +1,5 @@
-"""The selective scan's CPU kernel: cpu_scan.c, compiled on first use and called through ctypes.
+"""The selective scan's CPU kernel (and the Mamba layer's causal convolution + SiLU, `CConv1dSilu`):
+cpu_scan.c, compiled on first use and called through ctypes.
 
 The PyTorch path (`scan._SelectiveScan`) is as fast as a dozen elementwise passes over chunks of
 states can be; the kernel keeps each block of channels' state in cache for the whole sequence
