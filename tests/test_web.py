@@ -86,7 +86,7 @@ def test_answer_equals_the_terminals_and_streams(server, checkpoint, tmp_path):
     assert [answer] == terminal(checkpoint, image, QUESTION)
     streamed = [answers(history)[-1] for _, history in job.outputs()]
     assert all(answer.startswith(partial) for partial in streamed) and streamed[-1] == answer
-    assert len(set(streamed)) > 2  # "", some of the answer, all of it: it came in pieces
+    assert len(set(streamed)) > min(2, len(answer.split()))  # "", (some of the answer,) all of it: in pieces
 
 
 def test_new_scene_is_the_one_chat_py_demo_draws_again(server, checkpoint, tmp_path):
