@@ -82,7 +82,8 @@ parser.add_argument("--lr", type=Number(float, above=0),
                     help="peak learning rate (default: 1.2e-3 shapes, 1e-3 stage 1, 2e-5 stage 2)")
 parser.add_argument("--lr-vision", type=Number(float, 0),
                     help="vision tower lr (0 = frozen; frozen unless --tower-steps 0)")
-parser.add_argument("--lr-connector", type=Number(float, 0), help="connector lr (0 = frozen; default --lr, 5e-4 on shapes)")
+parser.add_argument("--lr-connector", type=Number(float, 0),
+                    help="connector lr (0 = frozen; default --lr, 5e-4 on shapes)")
 parser.add_argument("--lr-lm", type=Number(float, 0),
                     help="language model lr (0 = frozen; default --lr, frozen in stage 1)")
 parser.add_argument("--tower-steps", type=Number(int, 0),
@@ -379,7 +380,8 @@ def main():
             loss = sum(losses) / max(1, len(losses))
             gpu = f" | MFU {flops / elapsed / (peak * world):.1%}" if peak else ""
             gpu += f" | {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""
-            log(f"step {step:5d}/{steps} | loss {loss:.4f} | lr {max(g['lr'] for g in optimizer.param_groups):.2e} | "
+            lr_now = max(group["lr"] for group in optimizer.param_groups)  # the fastest part's
+            log(f"step {step:5d}/{steps} | loss {loss:.4f} | lr {lr_now:.2e} | "
                 f"grad norm {gathered(grad_norm).item():.2f} | {tokens / elapsed:,.0f} tok/s{gpu} | "
                 f"ETA {eta / 60:.1f} min"
                 + (f" | {skipped} bad samples skipped" if skipped else ""))

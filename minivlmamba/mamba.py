@@ -52,7 +52,8 @@ def causal_conv1d_silu(x, conv: nn.Conv1d, backend="auto"):
     steps on both sides and we keep the first l outputs. -> (b, di, l).
 
     Where the scan runs in C (`backend` as the scan's), an fp32 input does too (cpu_scan.c): one
-    pass each way instead of conv1d's, the slice's and the SiLU's; a CPU training step 10% faster.
+    pass each way instead of conv1d's, the slice's and the SiLU's (forward + backward at the tiny
+    default's LM shape: 0.8 ms against 5-6).
     """
     if x.dtype == torch.float32 and resolve_backend(backend, x) == "c":
         bias = conv.bias if conv.bias is not None else x.new_zeros(x.shape[1])

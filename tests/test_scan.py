@@ -179,7 +179,7 @@ def test_c_conv_matches_conv1d_and_silu_values_and_gradients(b, di, l, k, bias):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_mixer_takes_the_c_conv_on_cpu_only_for_fp32(monkeypatch):
+def test_conv_takes_the_c_kernel_on_cpu_only_for_fp32(monkeypatch):
     calls, original = [], cpu_scan.CConv1dSilu.apply
     monkeypatch.setattr(cpu_scan.CConv1dSilu, "apply", lambda *a: calls.append(a) or original(*a))
     conv, x = torch.nn.Conv1d(8, 8, 4, groups=8, padding=3), torch.randn(2, 8, 5)
