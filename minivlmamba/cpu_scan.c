@@ -4,8 +4,9 @@
    tensors. Here each call walks blocks of W channels of one (batch row, group) "item", and a
    block's state, h[n][W], stays in the first-level cache from the first step to the last: one
    pass, no tensor of states in memory. Every loop over j (the W channels of a block) is
-   vectorised by the compiler: one AVX-512 vector of fp32, two AVX2 ones. cpu_scan.py compiles
-   this file with the system's C compiler and calls it through ctypes, on the calling thread.
+   vectorised by the compiler: one AVX-512 vector of fp32, two AVX2 ones; the items are shared out
+   among OpenMP threads (PyTorch's own, cpu_scan.py says why). cpu_scan.py compiles this file with
+   the system's C compiler and calls it through ctypes.
 
    Layouts, as _SelectiveScan's (fp32, contiguous, time first; item it = bi * g + gi):
        u, delta, y, dy, du, ddelta    (l, b, di)      delta after bias and softplus
@@ -21,6 +22,7 @@
        over t into dL/dA.                                                                          */
 
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -74,9 +76,9 @@ static Block *block_new(int l, int b, int g, int dig, int n, int it, int c0, con
     return k;
 }
 
-/* The states h_t of a block from a zero start: y_t (at y, if not NULL), every h_t (in states, if not
-   NULL; (l, n, W)), and the last in h (n, W). */
-static void run(const Block *k, float *y, float *states, float *h) {
+/* The states h_t of a block from a zero start: y_t (at y, if not NULL), every h_t and decay a_t (in
+   states and decays, if not NULL; (l, n, W) each), and the last state in h (n, W). */
+static void run(const Block *k, float *y, float *states, float *decays, float *h) {
     int n = k->n;
     float dt[W], x[W], yt[W];
     memset(h, 0, sizeof(float) * n * W);
@@ -88,8 +90,10 @@ static void run(const Block *k, float *y, float *states, float *h) {
         for (int s = 0; s < n; s++) {
             float *hs = h + s * W;
             for (int j = 0; j < W; j++) {
-                hs[j] = exp2_fast(dt[j] * k->a2[s * W + j]) * hs[j] + x[j] * Bt[s];
+                float a = exp2_fast(dt[j] * k->a2[s * W + j]);
+                hs[j] = a * hs[j] + x[j] * Bt[s];
                 yt[j] += Ct[s] * hs[j];
+                if (decays) decays[((size_t)t * n + s) * W + j] = a;
             }
         }
         if (y) store(y + t * k->step, yt, k->w);
@@ -101,81 +105,90 @@ static void run(const Block *k, float *y, float *states, float *h) {
 void scan_forward(int l, int b, int g, int dig, int n, const float *u, const float *delta,
                   const float *A, const float *B, const float *C, float *y, float *last) {
     int di = g * dig;
-    float *h = malloc(sizeof(float) * n * W);
-    for (int it = 0; it < b * g; it++)
-        for (int c0 = it % g * dig; c0 < (it % g + 1) * dig; c0 += W) {
-            Block *k = block_new(l, b, g, dig, n, it, c0, u, delta, A, B, C);
-            run(k, y + (size_t)(it / g) * di + c0, NULL, h);
-            for (int j = 0; j < k->w; j++)
-                for (int s = 0; s < n; s++) last[((size_t)(it / g) * di + c0 + j) * n + s] = h[s * W + j];
-            free(k);
-        }
-    free(h);
+    #pragma omp parallel
+    {
+        float *h = malloc(sizeof(float) * n * W);
+        #pragma omp for schedule(static)
+        for (int it = 0; it < b * g; it++)
+            for (int c0 = it % g * dig; c0 < (it % g + 1) * dig; c0 += W) {
+                Block *k = block_new(l, b, g, dig, n, it, c0, u, delta, A, B, C);
+                run(k, y + (size_t)(it / g) * di + c0, NULL, NULL, h);
+                for (int j = 0; j < k->w; j++)
+                    for (int s = 0; s < n; s++) last[((size_t)(it / g) * di + c0 + j) * n + s] = h[s * W + j];
+                free(k);
+            }
+        free(h);
+    }
 }
 
-/* Every item: the gradients of u, delta, A (this batch row's share), B and C. Each block's
-   states are recomputed forward, then the recurrence runs backward in time; dB and dC are summed
-   over the item's channels lane by lane, and over the lanes at the end. */
+/* Every item: the gradients of u, delta, A (this batch row's share), B and C. Each block's states
+   and decays are recomputed forward, then the recurrence runs backward in time; dB and dC are
+   summed over the item's channels lane by lane, and over the lanes at the end. */
 void scan_backward(int l, int b, int g, int dig, int n, const float *u, const float *delta,
                    const float *A, const float *B, const float *C, const float *dy, const float *dlast,
                    float *du, float *ddelta, float *dA, float *dB, float *dC) {
     int di = g * dig;
     size_t nw = (size_t)n * W;
-    float *h = malloc(sizeof(float) * nw), *gs = malloc(sizeof(float) * nw), *dA_k = malloc(sizeof(float) * nw);
-    float *states = malloc(sizeof(float) * l * nw);
-    float *dB_lanes = malloc(sizeof(float) * l * nw), *dC_lanes = malloc(sizeof(float) * l * nw);
-    float dt[W], uu[W], x[W], dyt[W], d_x[W], d_dt[W], zero[W] = {0};
-    for (int it = 0; it < b * g; it++) {
-        int bi = it / g;
-        memset(dB_lanes, 0, sizeof(float) * l * nw);
-        memset(dC_lanes, 0, sizeof(float) * l * nw);
-        for (int c0 = it % g * dig; c0 < (it % g + 1) * dig; c0 += W) {
-            Block *k = block_new(l, b, g, dig, n, it, c0, u, delta, A, B, C);
-            size_t first = (size_t)bi * di + c0;  /* the block's first channel in (b, di) and in (l, b, di) at t = 0 */
-            run(k, NULL, states, h);
-            for (int s = 0; s < n; s++)
-                for (int j = 0; j < W; j++) gs[s * W + j] = j < k->w ? dlast[(first + j) * n + s] : 0.0f;
-            memset(dA_k, 0, sizeof(float) * nw);
-            for (int t = l - 1; t >= 0; t--) {
-                load(dt, k->delta + t * k->step, k->w);
-                load(uu, k->u + t * k->step, k->w);
-                load(dyt, dy + first + t * k->step, k->w);
-                for (int j = 0; j < W; j++) x[j] = dt[j] * uu[j], d_x[j] = 0.0f, d_dt[j] = 0.0f;
-                const float *Bt = k->B + t * k->bc_step, *Ct = k->C + t * k->bc_step;
-                const float *ht = states + t * nw, *hprev = t > 0 ? states + (t - 1) * nw : NULL;
-                float *dBt = dB_lanes + t * nw, *dCt = dC_lanes + t * nw;
-                for (int s = 0; s < n; s++) {
-                    const float *a2 = k->a2 + s * W, *hp = hprev ? hprev + s * W : zero;
-                    float *g_ = gs + s * W;
-                    for (int j = 0; j < W; j++) {
-                        float a = exp2_fast(dt[j] * a2[j]);
-                        float gt = g_[j] + dyt[j] * Ct[s];  /* g_t = dy_t C_t + a_{t+1} g_{t+1} */
-                        float q = gt * a * hp[j];           /* dL/d(delta_t A) */
-                        dCt[s * W + j] += dyt[j] * ht[s * W + j];
-                        dBt[s * W + j] += gt * x[j];
-                        d_x[j] += gt * Bt[s];
-                        d_dt[j] += q * a2[j];               /* times ln 2 below: a2 ln 2 = A */
-                        dA_k[s * W + j] += q * dt[j];
-                        g_[j] = a * gt;                     /* a_t g_t, carried to t - 1 */
+    #pragma omp parallel
+    {
+        float *h = malloc(sizeof(float) * nw), *gs = malloc(sizeof(float) * nw), *dA_k = malloc(sizeof(float) * nw);
+        float *states = malloc(sizeof(float) * l * nw), *decays = malloc(sizeof(float) * l * nw);
+        float *dB_lanes = malloc(sizeof(float) * l * nw), *dC_lanes = malloc(sizeof(float) * l * nw);
+        float dt[W], uu[W], x[W], dyt[W], d_x[W], d_dt[W], zero[W] = {0};
+        #pragma omp for schedule(static)
+        for (int it = 0; it < b * g; it++) {
+            int bi = it / g;
+            memset(dB_lanes, 0, sizeof(float) * l * nw);
+            memset(dC_lanes, 0, sizeof(float) * l * nw);
+            for (int c0 = it % g * dig; c0 < (it % g + 1) * dig; c0 += W) {
+                Block *k = block_new(l, b, g, dig, n, it, c0, u, delta, A, B, C);
+                size_t first = (size_t)bi * di + c0;  /* the block's first channel in (b, di) and in (l, b, di) at t = 0 */
+                run(k, NULL, states, decays, h);
+                for (int s = 0; s < n; s++)
+                    for (int j = 0; j < W; j++) gs[s * W + j] = j < k->w ? dlast[(first + j) * n + s] : 0.0f;
+                memset(dA_k, 0, sizeof(float) * nw);
+                for (int t = l - 1; t >= 0; t--) {
+                    load(dt, k->delta + t * k->step, k->w);
+                    load(uu, k->u + t * k->step, k->w);
+                    load(dyt, dy + first + t * k->step, k->w);
+                    for (int j = 0; j < W; j++) x[j] = dt[j] * uu[j], d_x[j] = 0.0f, d_dt[j] = 0.0f;
+                    const float *Bt = k->B + t * k->bc_step, *Ct = k->C + t * k->bc_step;
+                    const float *ht = states + t * nw, *at = decays + t * nw;
+                    const float *hprev = t > 0 ? states + (t - 1) * nw : NULL;
+                    float *dBt = dB_lanes + t * nw, *dCt = dC_lanes + t * nw;
+                    for (int s = 0; s < n; s++) {
+                        const float *a2 = k->a2 + s * W, *hp = hprev ? hprev + s * W : zero;
+                        float *g_ = gs + s * W;
+                        for (int j = 0; j < W; j++) {
+                            float a = at[s * W + j];
+                            float gt = g_[j] + dyt[j] * Ct[s];  /* g_t = dy_t C_t + a_{t+1} g_{t+1} */
+                            float q = gt * a * hp[j];           /* dL/d(delta_t A) */
+                            dCt[s * W + j] += dyt[j] * ht[s * W + j];
+                            dBt[s * W + j] += gt * x[j];
+                            d_x[j] += gt * Bt[s];
+                            d_dt[j] += q * a2[j];               /* times ln 2 below: a2 ln 2 = A */
+                            dA_k[s * W + j] += q * dt[j];
+                            g_[j] = a * gt;                     /* a_t g_t, carried to t - 1 */
+                        }
                     }
+                    for (int j = 0; j < W; j++) d_dt[j] = d_dt[j] / LOG2_E + d_x[j] * uu[j], d_x[j] *= dt[j];
+                    store(du + first + t * k->step, d_x, k->w);
+                    store(ddelta + first + t * k->step, d_dt, k->w);
                 }
-                for (int j = 0; j < W; j++) d_dt[j] = d_dt[j] / LOG2_E + d_x[j] * uu[j], d_x[j] *= dt[j];
-                store(du + first + t * k->step, d_x, k->w);
-                store(ddelta + first + t * k->step, d_dt, k->w);
+                for (int j = 0; j < k->w; j++)
+                    for (int s = 0; s < n; s++) dA[(first + j) * n + s] = dA_k[s * W + j];
+                free(k);
             }
-            for (int j = 0; j < k->w; j++)
-                for (int s = 0; s < n; s++) dA[(first + j) * n + s] = dA_k[s * W + j];
-            free(k);
+            for (int t = 0; t < l; t++)
+                for (int s = 0; s < n; s++) {
+                    float sb = 0.0f, sc = 0.0f;
+                    for (int j = 0; j < W; j++) sb += dB_lanes[t * nw + s * W + j], sc += dC_lanes[t * nw + s * W + j];
+                    dB[(size_t)t * b * g * n + (size_t)it * n + s] = sb;
+                    dC[(size_t)t * b * g * n + (size_t)it * n + s] = sc;
+                }
         }
-        for (int t = 0; t < l; t++)
-            for (int s = 0; s < n; s++) {
-                float sb = 0.0f, sc = 0.0f;
-                for (int j = 0; j < W; j++) sb += dB_lanes[t * nw + s * W + j], sc += dC_lanes[t * nw + s * W + j];
-                dB[(size_t)t * b * g * n + (size_t)it * n + s] = sb;
-                dC[(size_t)t * b * g * n + (size_t)it * n + s] = sc;
-            }
+        free(h); free(gs); free(dA_k); free(states); free(decays); free(dB_lanes); free(dC_lanes);
     }
-    free(h); free(gs); free(dA_k); free(states); free(dB_lanes); free(dC_lanes);
 }
 
 /* The Mamba layer's causal depthwise convolution + SiLU (mamba.py's `causal_conv1d_silu`), forward
@@ -203,6 +216,7 @@ static inline float sigmoid(float p) { return 1.0f / (1.0f + exp2_fast(-p * LOG2
 
 void conv_forward(int b, int l, int di, int k, const float *x, int sb, int st, const float *w,
                   const float *bias, float *y) {
+    #pragma omp parallel for schedule(static)
     for (int bi = 0; bi < b; bi++)
         for (int t = 0; t < l; t++) {
             float *out = y + ((size_t)bi * l + t) * di;
@@ -211,38 +225,55 @@ void conv_forward(int b, int l, int di, int k, const float *x, int sb, int st, c
         }
 }
 
+/* Each thread sums dw and dbias over its batch rows into its own slot of `partial`; the slots are
+   then added in thread order, so the result does not depend on which thread finishes first. */
 void conv_backward(int b, int l, int di, int k, const float *x, int sb, int st, const float *w,
                    const float *bias, const float *dy, float *dx, float *dw, float *dbias) {
-    float *dp = malloc(sizeof(float) * l * di);  /* one batch row's dp, (l, di) */
-    memset(dw, 0, sizeof(float) * k * di);
-    memset(dbias, 0, sizeof(float) * di);
-    for (int bi = 0; bi < b; bi++) {
-        const float *xb = x + (size_t)bi * sb, *dyb = dy + (size_t)bi * l * di;
-        float *dxb = dx + (size_t)bi * l * di;
-        for (int t = 0; t < l; t++) {
-            float *restrict p = dp + (size_t)t * di;
-            conv_step(t, di, k, xb, st, w, bias, p);
-            for (int c = 0; c < di; c++) {
-                float s = sigmoid(p[c]);
-                p[c] = dyb[(size_t)t * di + c] * s * (1.0f + p[c] * (1.0f - s));
-                dbias[c] += p[c];
-            }
-        }
-        for (int s = 0; s < l; s++) {  /* x_s feeds p_t for t = s + (k-1) - j */
-            float *restrict out = dxb + (size_t)s * di;
-            const float *restrict in = xb + (size_t)s * st;
-            for (int c = 0; c < di; c++) out[c] = 0.0f;
-            for (int j = 0; j < k; j++) {
-                int t = s + (k - 1) - j;
-                if (t >= l) continue;
-                const float *restrict wj = w + (size_t)j * di, *restrict dpt = dp + (size_t)t * di;
-                float *restrict dwj = dw + (size_t)j * di;
+    size_t slot = (size_t)(k + 1) * di;  /* a thread's dw (k, di), then its dbias (di) */
+    float *partial = calloc((size_t)omp_get_max_threads() * slot, sizeof(float));
+    int threads = 1;
+    #pragma omp parallel
+    {
+        float *dp = malloc(sizeof(float) * l * di);  /* one batch row's dp, (l, di) */
+        float *dw_t = partial + omp_get_thread_num() * slot, *dbias_t = dw_t + (size_t)k * di;
+        threads = omp_get_num_threads();
+        #pragma omp for schedule(static)
+        for (int bi = 0; bi < b; bi++) {
+            const float *xb = x + (size_t)bi * sb, *dyb = dy + (size_t)bi * l * di;
+            float *dxb = dx + (size_t)bi * l * di;
+            for (int t = 0; t < l; t++) {
+                float *restrict p = dp + (size_t)t * di;
+                conv_step(t, di, k, xb, st, w, bias, p);
                 for (int c = 0; c < di; c++) {
-                    out[c] += wj[c] * dpt[c];
-                    dwj[c] += dpt[c] * in[c];
+                    float s = sigmoid(p[c]);
+                    p[c] = dyb[(size_t)t * di + c] * s * (1.0f + p[c] * (1.0f - s));
+                    dbias_t[c] += p[c];
+                }
+            }
+            for (int s = 0; s < l; s++) {  /* x_s feeds p_t for t = s + (k-1) - j */
+                float *restrict out = dxb + (size_t)s * di;
+                const float *restrict in = xb + (size_t)s * st;
+                for (int c = 0; c < di; c++) out[c] = 0.0f;
+                for (int j = 0; j < k; j++) {
+                    int t = s + (k - 1) - j;
+                    if (t >= l) continue;
+                    const float *restrict wj = w + (size_t)j * di, *restrict dpt = dp + (size_t)t * di;
+                    float *restrict dwj = dw_t + (size_t)j * di;
+                    for (int c = 0; c < di; c++) {
+                        out[c] += wj[c] * dpt[c];
+                        dwj[c] += dpt[c] * in[c];
+                    }
                 }
             }
         }
+        free(dp);
     }
-    free(dp);
+    memset(dw, 0, sizeof(float) * k * di);
+    memset(dbias, 0, sizeof(float) * di);
+    for (int i = 0; i < threads; i++) {
+        const float *dw_t = partial + i * slot, *dbias_t = dw_t + (size_t)k * di;
+        for (int c = 0; c < k * di; c++) dw[c] += dw_t[c];
+        for (int c = 0; c < di; c++) dbias[c] += dbias_t[c];
+    }
+    free(partial);
 }

@@ -10,9 +10,11 @@ time-first tensors and returns the same gradients, and tests/test_scan.py holds 
 
 The C file is compiled once a process (about a second) with the system's C compiler (`$CC`, else
 `cc`) into a temporary folder; where none works, `available()` says why and the scan runs the
-PyTorch path. It runs on the calling thread: on the 2-core machines this is built on, a second
-thread (ctypes lets go of the interpreter lock) made the training step slower, not faster, as it
-competed with PyTorch's own threads, which keep spinning on the other core between operations.
+PyTorch path. Its loops over batch rows run on PyTorch's own threads: built with -fopenmp, the
+library needs libgomp.so.1, which the loader finds already loaded by torch (the same name), so
+both share one thread pool. Earlier versions ran on the calling thread alone, because a second
+thread of our own (a Python thread) competed with PyTorch's, which keep spinning on the other core
+between operations; sharing the pool made the tiny default's step about 20% faster.
 """
 
 import ctypes
@@ -29,7 +31,7 @@ from torch.autograd.function import once_differentiable
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_scan.c")
 # -ffinite-math-only and -fno-signed-zeros let fminf / fmaxf become vector instructions.
-_FLAGS = ["-O3", "-fno-math-errno", "-ffinite-math-only", "-fno-signed-zeros", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffinite-math-only", "-fno-signed-zeros", "-shared", "-fPIC"]
 
 
 @functools.cache

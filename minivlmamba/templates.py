@@ -7,7 +7,8 @@ stop token at generation time).
 - plain  (stage-1 captioning, as LLaVA's `plain`): the caption follows the image directly.
 - zephyr (chat-tuned LMs, as mamba-chat / Cobra): <|user|>\\n{q}<|endoftext|>\\n<|assistant|>\\n{a}<|endoftext|>
 - base   (base LMs, as Cobra's `In:/Out:` prompt): In: {q}\\nOut: {a}<|endoftext|>
-Later turns are prefixed by a newline.
+- compact (the tiny preset, trained from scratch): zephyr's role tokens alone, <|user|>{q}<|assistant|>{a}<|endoftext|>
+Later turns are prefixed by a newline (compact: by nothing).
 """
 
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ TEMPLATES = {
     "plain": Template(user="", separator=""),
     "zephyr": Template(user="<|user|>\n{q}" + EOT + "\n<|assistant|>\n", separator="\n"),
     "base": Template(user="In: {q}\nOut: ", separator="\n"),
+    "compact": Template(user="<|user|>{q}<|assistant|>", separator=""),
 }
 
 

@@ -105,17 +105,20 @@ def test_vision_tower_flavours_shapes(flavour):
     assert tower(torch.randn(2, 3, 28, 28)).shape == (2, 4, 16)  # class token dropped for CLIP
 
 
-def test_labels_mask_prompts_and_keep_answers_with_end_of_text():
-    tokenizer = train_tokenizer("zephyr")
+@pytest.mark.parametrize("template, text", [
+    ("zephyr", "<|user|>\nWhat colour is the circle?<|endoftext|>\n<|assistant|>\nred<|endoftext|>"
+               "\n<|user|>\nWhere is the red circle?<|endoftext|>\n<|assistant|>\ncenter<|endoftext|>"),
+    ("compact", "<|user|>What colour is the circle?<|assistant|>red<|endoftext|>"
+                "<|user|>Where is the red circle?<|assistant|>center<|endoftext|>")])
+def test_labels_mask_prompts_and_keep_answers_with_end_of_text(template, text):
+    tokenizer = train_tokenizer(template)
     turns = [("What colour is the circle?", "red"), ("Where is the red circle?", "center")]
-    ids, labels = encode_conversation(tokenizer, turns, "zephyr")
-    text = lambda positions: tokenizer.decode([ids[i] for i in positions], skip_special_tokens=False)
+    ids, labels = encode_conversation(tokenizer, turns, template)
+    decoded = lambda positions: tokenizer.decode([ids[i] for i in positions], skip_special_tokens=False)
     learned = [i for i, lab in enumerate(labels) if lab != IGNORE]
     assert all(labels[i] == ids[i] for i in learned)
-    assert text(learned) == "red<|endoftext|>center<|endoftext|>"
-    assert tokenizer.decode(ids, skip_special_tokens=False) == (
-        "<|user|>\nWhat colour is the circle?<|endoftext|>\n<|assistant|>\nred<|endoftext|>"
-        "\n<|user|>\nWhere is the red circle?<|endoftext|>\n<|assistant|>\ncenter<|endoftext|>")
+    assert decoded(learned) == "red<|endoftext|>center<|endoftext|>"
+    assert tokenizer.decode(ids, skip_special_tokens=False) == text
 
 
 def test_loss_counts_only_labelled_positions():
