@@ -1,23 +1,31 @@
-/* The selective scan on a CPU, forward and backward: scan.py's _SelectiveScan in C.
+/* The selective scan on a CPU, forward and backward: all of scan.py's selective_scan but the
+   delta bias and softplus, in C.
 
    The PyTorch path runs a dozen elementwise passes a chunk of time steps over (m, b, g, n, dig)
    tensors. Here each call walks blocks of W channels of one (batch row, group) "item", and a
    block's state, h[n][W], stays in the first-level cache from the first step to the last: one
    pass, no tensor of states in memory. Every loop over j (the W channels of a block) is
    vectorised by the compiler: one AVX-512 vector of fp32, two AVX2 ones; the items are shared out
-   among OpenMP threads (PyTorch's own, cpu_scan.py says why). cpu_scan.py compiles this file with
-   the system's C compiler and calls it through ctypes.
+   among OpenMP threads (PyTorch's own, cpu_scan.py says why). The tensors are read where the
+   Mamba layer made them, channels last: no copy into another layout, and the skip and the gate
+   are applied on the way out. cpu_scan.py compiles this file with the system's C compiler and
+   calls it through ctypes.
 
-   Layouts, as _SelectiveScan's (fp32, contiguous, time first; item it = bi * g + gi):
-       u, delta, y, dy, du, ddelta    (l, b, di)      delta after bias and softplus
-       A                              (di, n)
-       B, C, dB, dC                   (l, b, g, n)    channel c reads group c / dig
-       last, dlast, dA                (b, di, n)      dA: batch row bi's share, summed by the caller
+   Layouts (fp32; item it = bi * g + gi):
+       u, delta, out, dout, du, ddelta, dz   (b, l, di) contiguous    delta after bias and softplus
+       z                                     (b, l, di), rows sz_b and steps sz_t apart (or NULL)
+       B, C                                  (b, l, g, n), rows sbc_b and steps sbc_t apart, each
+                                             step's (g, n) contiguous; channel c reads group c / dig
+       dB, dC                                (b, l, g, n) contiguous
+       A (di, n), D (di) or NULL
+       last, dlast, dA (b, di, n), dD (b, di)   dA and dD: batch row bi's share, summed by the caller
 
-   The recurrence and its gradients (scan.py's _SelectiveScan derives them):
+   The scan and its gradients (scan.py's _SelectiveScan derives the recurrence's):
        a_t = exp(delta_t A),  h_t = a_t h_{t-1} + delta_t u_t B_t,  y_t = C_t . h_t
-       g_t = dL/dh_t = dy_t C_t + a_{t+1} g_{t+1}   (g_{l-1} also gets dlast)
-       dL/d(delta_t u_t) = g_t . B_t,  dL/dB_t = sum_c g_t delta_t u_t,  dL/dC_t = sum_c dy_t h_t,
+       out_t = (y_t + D u_t) silu(z_t),   so dL/dy_t = dout_t silu(z_t) and
+       dL/dz_t = dout_t (y_t + D u_t) s(z_t) (1 + z_t (1 - s(z_t))),  s = sigmoid
+       g_t = dL/dh_t = dL/dy_t C_t + a_{t+1} g_{t+1}   (g_{l-1} also gets dlast)
+       dL/d(delta_t u_t) = g_t . B_t,  dL/dB_t = sum_c g_t delta_t u_t,  dL/dC_t = sum_c dL/dy_t h_t,
        dL/d(delta_t A) = g_t a_t h_{t-1}: summed over n times A into dL/d(delta_t), times delta_t
        over t into dL/dA.                                                                          */
 
@@ -46,6 +54,8 @@ static inline float exp2_fast(float x) {
     return p * scale.f;
 }
 
+static inline float sigmoid(float p) { return 1.0f / (1.0f + exp2_fast(-p * LOG2_E)); }
+
 /* The block's w channels (at most W) from src, padded with zeros to W. */
 static inline void load(float *out, const float *src, int w) {
     for (int j = 0; j < W; j++) out[j] = j < w ? src[j] : 0.0f;
@@ -58,31 +68,36 @@ static inline void store(float *dst, const float *v, int w) {
 /* One block of one item: where its rows start and how far apart its time steps are. */
 typedef struct {
     int l, n, w;
-    size_t step, bc_step;  /* elements from t to t + 1: b * di in u-like tensors, b * g * n in B and C */
-    const float *u, *delta, *B, *C;  /* at t = 0: the block's first channel, the item's B and C */
+    size_t step, bc_step, z_step;  /* elements from t to t + 1: di in u-like tensors, sbc_t, sz_t */
+    const float *u, *delta, *B, *C, *z;  /* at t = 0: the block's first channel, the item's B and C */
+    float D[W];  /* the block's skip weights (zero without D) */
     float a2[];  /* (n, W): A log2(e), channels innermost, so that a_t = exp2(delta_t a2) */
 } Block;
 
-static Block *block_new(int l, int b, int g, int dig, int n, int it, int c0, const float *u,
-                        const float *delta, const float *A, const float *B, const float *C) {
+static Block *block_new(int l, int g, int dig, int n, int it, int c0, const float *u, const float *delta,
+                        const float *A, const float *B, const float *C, size_t sbc_b, size_t sbc_t,
+                        const float *D, const float *z, size_t sz_b, size_t sz_t) {
     int di = g * dig, bi = it / g, end = (it % g + 1) * dig;
     Block *k = malloc(sizeof(Block) + sizeof(float) * n * W);
     k->l = l, k->n = n, k->w = end - c0 < W ? end - c0 : W;
-    k->step = (size_t)b * di, k->bc_step = (size_t)b * g * n;
-    k->u = u + (size_t)bi * di + c0, k->delta = delta + (size_t)bi * di + c0;
-    k->B = B + (size_t)it * n, k->C = C + (size_t)it * n;
+    k->step = di, k->bc_step = sbc_t, k->z_step = sz_t;
+    k->u = u + (size_t)bi * l * di + c0, k->delta = delta + (size_t)bi * l * di + c0;
+    k->B = B + bi * sbc_b + (size_t)(it % g) * n, k->C = C + bi * sbc_b + (size_t)(it % g) * n;
+    k->z = z ? z + bi * sz_b + c0 : NULL;
+    for (int j = 0; j < W; j++) k->D[j] = D && j < k->w ? D[c0 + j] : 0.0f;
     for (int s = 0; s < n; s++)
         for (int j = 0; j < W; j++) k->a2[s * W + j] = j < k->w ? A[(size_t)(c0 + j) * n + s] * LOG2_E : 0.0f;
     return k;
 }
 
-/* The states h_t of a block from a zero start: y_t (at y, if not NULL), every h_t and decay a_t (in
+/* The states h_t of a block from a zero start: y_t (in ys, (l, W)), every h_t and decay a_t (in
    states and decays, if not NULL; (l, n, W) each), and the last state in h (n, W). */
-static void run(const Block *k, float *y, float *states, float *decays, float *h) {
+static void run(const Block *k, float *ys, float *states, float *decays, float *h) {
     int n = k->n;
-    float dt[W], x[W], yt[W];
+    float dt[W], x[W];
     memset(h, 0, sizeof(float) * n * W);
     for (int t = 0; t < k->l; t++) {
+        float *yt = ys + t * W;
         load(dt, k->delta + t * k->step, k->w);
         load(x, k->u + t * k->step, k->w);
         for (int j = 0; j < W; j++) x[j] *= dt[j], yt[j] = 0.0f;  /* x = delta_t u_t */
@@ -96,37 +111,49 @@ static void run(const Block *k, float *y, float *states, float *decays, float *h
                 if (decays) decays[((size_t)t * n + s) * W + j] = a;
             }
         }
-        if (y) store(y + t * k->step, yt, k->w);
         if (states) memcpy(states + (size_t)t * n * W, h, sizeof(float) * n * W);
     }
 }
 
-/* Every item: y and the last state. */
-void scan_forward(int l, int b, int g, int dig, int n, const float *u, const float *delta,
-                  const float *A, const float *B, const float *C, float *y, float *last) {
+/* Every item: out and the last state. */
+void scan_forward(int l, int b, int g, int dig, int n, const float *u, const float *delta, const float *A,
+                  const float *B, const float *C, int sbc_b, int sbc_t, const float *D, const float *z,
+                  int sz_b, int sz_t, float *out, float *last) {
     int di = g * dig;
     #pragma omp parallel
     {
-        float *h = malloc(sizeof(float) * n * W);
+        float *h = malloc(sizeof(float) * n * W), *ys = malloc(sizeof(float) * l * W), uu[W], zt[W];
         #pragma omp for schedule(static)
         for (int it = 0; it < b * g; it++)
             for (int c0 = it % g * dig; c0 < (it % g + 1) * dig; c0 += W) {
-                Block *k = block_new(l, b, g, dig, n, it, c0, u, delta, A, B, C);
-                run(k, y + (size_t)(it / g) * di + c0, NULL, NULL, h);
+                Block *k = block_new(l, g, dig, n, it, c0, u, delta, A, B, C, sbc_b, sbc_t, D, z, sz_b, sz_t);
+                size_t first = (size_t)(it / g) * di + c0;  /* the block's first channel in (b, di) */
+                float *o = out + (size_t)(it / g) * l * di + c0;
+                run(k, ys, NULL, NULL, h);
+                for (int t = 0; t < l; t++) {  /* the skip and the gate */
+                    float *yt = ys + t * W;
+                    load(uu, k->u + t * k->step, k->w);
+                    for (int j = 0; j < W; j++) yt[j] += k->D[j] * uu[j];
+                    if (z) {
+                        load(zt, k->z + t * k->z_step, k->w);
+                        for (int j = 0; j < W; j++) yt[j] *= zt[j] * sigmoid(zt[j]);
+                    }
+                    store(o + (size_t)t * di, yt, k->w);
+                }
                 for (int j = 0; j < k->w; j++)
-                    for (int s = 0; s < n; s++) last[((size_t)(it / g) * di + c0 + j) * n + s] = h[s * W + j];
+                    for (int s = 0; s < n; s++) last[(first + j) * n + s] = h[s * W + j];
                 free(k);
             }
-        free(h);
+        free(h); free(ys);
     }
 }
-
-/* Every item: the gradients of u, delta, A (this batch row's share), B and C. Each block's states
-   and decays are recomputed forward, then the recurrence runs backward in time; dB and dC are
-   summed over the item's channels lane by lane, and over the lanes at the end. */
-void scan_backward(int l, int b, int g, int dig, int n, const float *u, const float *delta,
-                   const float *A, const float *B, const float *C, const float *dy, const float *dlast,
-                   float *du, float *ddelta, float *dA, float *dB, float *dC) {
+/* Every item: the gradients of u, delta, A and D (this batch row's shares), B, C and z. Each
+   block's states, decays and y are recomputed forward, then the recurrence runs backward in time;
+   dB and dC are summed over the item's channels lane by lane, and over the lanes at the end. */
+void scan_backward(int l, int b, int g, int dig, int n, const float *u, const float *delta, const float *A,
+                   const float *B, const float *C, int sbc_b, int sbc_t, const float *D, const float *z,
+                   int sz_b, int sz_t, const float *dout, const float *dlast, float *du, float *ddelta,
+                   float *dA, float *dB, float *dC, float *dD, float *dz) {
     int di = g * dig;
     size_t nw = (size_t)n * W;
     #pragma omp parallel
@@ -134,24 +161,37 @@ void scan_backward(int l, int b, int g, int dig, int n, const float *u, const fl
         float *h = malloc(sizeof(float) * nw), *gs = malloc(sizeof(float) * nw), *dA_k = malloc(sizeof(float) * nw);
         float *states = malloc(sizeof(float) * l * nw), *decays = malloc(sizeof(float) * l * nw);
         float *dB_lanes = malloc(sizeof(float) * l * nw), *dC_lanes = malloc(sizeof(float) * l * nw);
-        float dt[W], uu[W], x[W], dyt[W], d_x[W], d_dt[W], zero[W] = {0};
+        float *ys = malloc(sizeof(float) * l * W);
+        float dt[W], uu[W], x[W], dyt[W], zt[W], d_x[W], d_dt[W], dD_k[W], zero[W] = {0};
         #pragma omp for schedule(static)
         for (int it = 0; it < b * g; it++) {
             int bi = it / g;
             memset(dB_lanes, 0, sizeof(float) * l * nw);
             memset(dC_lanes, 0, sizeof(float) * l * nw);
             for (int c0 = it % g * dig; c0 < (it % g + 1) * dig; c0 += W) {
-                Block *k = block_new(l, b, g, dig, n, it, c0, u, delta, A, B, C);
-                size_t first = (size_t)bi * di + c0;  /* the block's first channel in (b, di) and in (l, b, di) at t = 0 */
-                run(k, NULL, states, decays, h);
+                Block *k = block_new(l, g, dig, n, it, c0, u, delta, A, B, C, sbc_b, sbc_t, D, z, sz_b, sz_t);
+                size_t first = (size_t)bi * di + c0;  /* the block's first channel in (b, di) */
+                size_t row = (size_t)bi * l * di + c0;  /* and in (b, l, di) at t = 0 */
+                run(k, ys, states, decays, h);
                 for (int s = 0; s < n; s++)
                     for (int j = 0; j < W; j++) gs[s * W + j] = j < k->w ? dlast[(first + j) * n + s] : 0.0f;
                 memset(dA_k, 0, sizeof(float) * nw);
+                memset(dD_k, 0, sizeof(dD_k));
                 for (int t = l - 1; t >= 0; t--) {
                     load(dt, k->delta + t * k->step, k->w);
                     load(uu, k->u + t * k->step, k->w);
-                    load(dyt, dy + first + t * k->step, k->w);
-                    for (int j = 0; j < W; j++) x[j] = dt[j] * uu[j], d_x[j] = 0.0f, d_dt[j] = 0.0f;
+                    load(dyt, dout + row + (size_t)t * di, k->w);
+                    if (z) {  /* through the gate: dyt becomes dL/d(y_t + D u_t) */
+                        load(zt, k->z + t * k->z_step, k->w);
+                        float dzt[W];
+                        for (int j = 0; j < W; j++) {
+                            float sg = sigmoid(zt[j]), pre = ys[t * W + j] + k->D[j] * uu[j];
+                            dzt[j] = dyt[j] * pre * sg * (1.0f + zt[j] * (1.0f - sg));
+                            dyt[j] *= zt[j] * sg;
+                        }
+                        store(dz + row + (size_t)t * di, dzt, k->w);
+                    }
+                    for (int j = 0; j < W; j++) x[j] = dt[j] * uu[j], d_x[j] = 0.0f, d_dt[j] = 0.0f, dD_k[j] += dyt[j] * uu[j];
                     const float *Bt = k->B + t * k->bc_step, *Ct = k->C + t * k->bc_step;
                     const float *ht = states + t * nw, *at = decays + t * nw;
                     const float *hprev = t > 0 ? states + (t - 1) * nw : NULL;
@@ -171,23 +211,25 @@ void scan_backward(int l, int b, int g, int dig, int n, const float *u, const fl
                             g_[j] = a * gt;                     /* a_t g_t, carried to t - 1 */
                         }
                     }
-                    for (int j = 0; j < W; j++) d_dt[j] = d_dt[j] / LOG2_E + d_x[j] * uu[j], d_x[j] *= dt[j];
-                    store(du + first + t * k->step, d_x, k->w);
-                    store(ddelta + first + t * k->step, d_dt, k->w);
+                    for (int j = 0; j < W; j++)
+                        d_dt[j] = d_dt[j] / LOG2_E + d_x[j] * uu[j], d_x[j] = d_x[j] * dt[j] + dyt[j] * k->D[j];
+                    store(du + row + (size_t)t * di, d_x, k->w);
+                    store(ddelta + row + (size_t)t * di, d_dt, k->w);
                 }
                 for (int j = 0; j < k->w; j++)
                     for (int s = 0; s < n; s++) dA[(first + j) * n + s] = dA_k[s * W + j];
+                if (dD) store(dD + first, dD_k, k->w);
                 free(k);
             }
-            for (int t = 0; t < l; t++)
+            for (int t = 0; t < l; t++)  /* (b, l, g, n): item it's (g, n) row at step t */
                 for (int s = 0; s < n; s++) {
                     float sb = 0.0f, sc = 0.0f;
                     for (int j = 0; j < W; j++) sb += dB_lanes[t * nw + s * W + j], sc += dC_lanes[t * nw + s * W + j];
-                    dB[(size_t)t * b * g * n + (size_t)it * n + s] = sb;
-                    dC[(size_t)t * b * g * n + (size_t)it * n + s] = sc;
+                    dB[((size_t)bi * l + t) * g * n + (size_t)(it % g) * n + s] = sb;
+                    dC[((size_t)bi * l + t) * g * n + (size_t)(it % g) * n + s] = sc;
                 }
         }
-        free(h); free(gs); free(dA_k); free(states); free(decays); free(dB_lanes); free(dC_lanes);
+        free(h); free(gs); free(dA_k); free(states); free(decays); free(dB_lanes); free(dC_lanes); free(ys);
     }
 }
 
@@ -211,8 +253,6 @@ static void conv_step(int t, int di, int k, const float *x, size_t st, const flo
         for (int c = 0; c < di; c++) out[c] += wj[c] * in[c];
     }
 }
-
-static inline float sigmoid(float p) { return 1.0f / (1.0f + exp2_fast(-p * LOG2_E)); }
 
 void conv_forward(int b, int l, int di, int k, const float *x, int sb, int st, const float *w,
                   const float *bias, float *y) {

@@ -62,34 +62,42 @@ def available() -> bool:
 
 
 def _run(fn, *args):
-    """fn(*args) with tensors passed by address (args keeps them alive until fn returns)."""
-    fn(*[ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args])
+    """fn(*args) with tensors passed by address, None as NULL (args keeps them alive until fn returns)."""
+    fn(*[ctypes.c_int(a) if isinstance(a, int) else ctypes.c_void_p(None if a is None else a.data_ptr())
+         for a in args])
 
 
 class CScan(torch.autograd.Function):
-    """scan._SelectiveScan's contract, computed by cpu_scan.c: u, delta (l, b, di); A (di, n); B, C
-    (l, b, g, n), all fp32 and contiguous -> y (l, b, di), last state (b, di, n)."""
+    """The selective scan after the delta bias and softplus, computed by cpu_scan.c, in the layout
+    the Mamba layer makes its tensors (channels last), all fp32: u, delta (b, l, di) contiguous;
+    A (di, n); B, C (b, l, g, n), strided alike with each step's (g, n) contiguous; D (di) or None;
+    z (b, l, di) with channels contiguous, or None -> out (b, l, di) = (C_t . h_t + D u_t) silu(z_t)
+    and the last state (b, di, n)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):
-        l, b, g, n = B.shape
+    def forward(ctx, u, delta, A, B, C, D, z):
+        b, l, g, n = B.shape
         dig = u.shape[-1] // g
-        y, last = torch.empty_like(u), u.new_empty(b, g * dig, n)
-        _run(_library().scan_forward, l, b, g, dig, n, u, delta, A, B, C, y, last)
-        ctx.save_for_backward(u, delta, A, B, C)
-        return y, last
+        out, last = torch.empty_like(u), u.new_empty(b, g * dig, n)
+        _run(_library().scan_forward, l, b, g, dig, n, u, delta, A, B, C, *B.stride()[:2], D, z,
+             *(z.stride()[:2] if z is not None else (0, 0)), out, last)
+        ctx.save_for_backward(u, delta, A, B, C, D, z)
+        return out, last
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y, grad_last):
-        u, delta, A, B, C = ctx.saved_tensors
-        l, b, g, n = B.shape
+    def backward(ctx, grad_out, grad_last):
+        u, delta, A, B, C, D, z = ctx.saved_tensors
+        b, l, g, n = B.shape
         dig = u.shape[-1] // g
         du, d_delta, dA = torch.empty_like(u), torch.empty_like(u), u.new_empty(b, g * dig, n)
-        dB, dC = torch.empty_like(B), torch.empty_like(C)
-        _run(_library().scan_backward, l, b, g, dig, n, u, delta, A, B, C, grad_y.contiguous(),
-             grad_last.contiguous(), du, d_delta, dA, dB, dC)
-        return du, d_delta, dA.sum(0), dB, dC
+        dB, dC = B.new_empty(B.shape), C.new_empty(C.shape)
+        dD = None if D is None else u.new_empty(b, g * dig)
+        dz = None if z is None else torch.empty_like(u)
+        _run(_library().scan_backward, l, b, g, dig, n, u, delta, A, B, C, *B.stride()[:2], D, z,
+             *(z.stride()[:2] if z is not None else (0, 0)), grad_out.contiguous(), grad_last.contiguous(),
+             du, d_delta, dA, dB, dC, dD, dz)
+        return du, d_delta, dA.sum(0), dB, dC, None if dD is None else dD.sum(0), dz
 
 
 class CConv1dSilu(torch.autograd.Function):

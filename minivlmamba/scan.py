@@ -199,15 +199,14 @@ def _states(a, du, B, h, out):
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         return_last_state=False, kernel=_SelectiveScan):
+                         return_last_state=False):
     """The same scan, exact, 2-4x faster than the reference on a CPU (same arguments; `bench cpu-scan`).
 
-    The recurrence and its hand-written backward are `kernel` (`_SelectiveScan`, or the C kernel
-    `cpu_scan.CScan` for `selective_scan_c`), on time-first copies of the inputs. The bias,
-    softplus, skip and gate around it work on (b, di, l) tensors, n times smaller, and are left to
-    autograd; the skip and gate take (b, di, l) views of the time-first tensors, so that all their
-    operands share one memory layout (an elementwise op over operands laid out differently is up to
-    10x slower).
+    The recurrence and its hand-written backward are `_SelectiveScan`, on time-first copies of the
+    inputs. The bias, softplus, skip and gate around it work on (b, di, l) tensors, n times smaller,
+    and are left to autograd; the skip and gate take (b, di, l) views of the time-first tensors, so
+    that all their operands share one memory layout (an elementwise op over operands laid out
+    differently is up to 10x slower).
     """
     dtype_in = u.dtype
     time_first = lambda X: X.float().movedim(-1, 0).contiguous()  # (b, ..., l) -> (l, b, ...)
@@ -215,17 +214,31 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     view = lambda X: X.permute(1, 2, 0)  # (l, b, di) -> (b, di, l), a view
     u = time_first(u)  # (l, b, di)
     delta = time_first(_softplus_delta(delta, delta_bias, delta_softplus))  # (l, b, di)
-    y, last = kernel.apply(u, delta, A.float().contiguous(), time_first(grouped(B)), time_first(grouped(C)))
+    y, last = _SelectiveScan.apply(u, delta, A.float().contiguous(), time_first(grouped(B)), time_first(grouped(C)))
     out = _skip_and_gate(view(y), view(u), D, None if z is None else view(time_first(z))).to(dtype_in)  # (b, di, l)
     return (out, last) if return_last_state else out
 
 
 def selective_scan_c(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                      return_last_state=False):
-    """The same scan with the recurrence in C (cpu_scan.c): 1.8x faster than the PyTorch path at
-    the tiny default's LM shape (`bench cpu-scan`). Needs a C compiler (`cpu_scan.available()`)."""
-    return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                kernel=cpu_scan.CScan)
+    """The same scan in C (cpu_scan.c) but for the delta bias and softplus: the recurrence, the skip
+    and the gate, forward and backward, on the channels-last tensors the Mamba layer makes ((b, di, l)
+    views of (b, l, di)), without copying them into another layout. Needs a C compiler
+    (`cpu_scan.available()`); 2x faster than the PyTorch path at the tiny default's LM shape
+    (`bench cpu-scan`)."""
+    dtype_in = u.dtype
+    channels_last = lambda X: X.float().transpose(-1, -2)  # (b, ..., l) -> (b, l, ...): a view where it can be
+    B, C = ((X if X.dim() == 4 else X.unsqueeze(1)).float().permute(0, 3, 1, 2) for X in (B, C))  # (b, l, g, n)
+    if not (B.stride()[2:] == C.stride()[2:] == (B.shape[3], 1) and B.stride() == C.stride()):
+        B, C = B.contiguous(), C.contiguous()
+    z = None if z is None else channels_last(z)
+    if z is not None and z.stride(-1) != 1:
+        z = z.contiguous()
+    out, last = cpu_scan.CScan.apply(channels_last(u).contiguous(),
+                                     channels_last(_softplus_delta(delta, delta_bias, delta_softplus)).contiguous(),
+                                     A.float().contiguous(), B, C, None if D is None else D.float().contiguous(), z)
+    out = out.transpose(1, 2).to(dtype_in)  # (b, di, l)
+    return (out, last) if return_last_state else out
 
 
 def selective_state_update_ref(ssm_state, x, delta, A, B, C, D=None, z=None, delta_bias=None,

@@ -158,6 +158,25 @@ def test_c_path_full_and_partial_blocks_of_channels(di, g):
     assert_same(*scan_both(x, selective_scan_c, delta_softplus=True, return_last_state=True), rtol=1e-4, atol=1e-4)
 
 
+def test_c_path_takes_the_mamba_layers_slices():
+    """As MambaMixer passes them: u and delta (b, di, l) views of (b, l, di), z a slice of in_proj's
+    output and B, C slices of x_proj's (steps 2 di and r + 2n apart), which the kernel reads in place."""
+    torch.manual_seed(0)
+    b, l, di, n, r = 2, 9, 16, 4, 3
+    u, delta = torch.randn(b, l, di, requires_grad=True), torch.randn(b, l, di, requires_grad=True)
+    xz, x_dbl = torch.randn(b, l, 2 * di, requires_grad=True), torch.randn(b, l, r + 2 * n, requires_grad=True)
+    A, D, bias = -torch.rand(di, n) - 0.5, torch.randn(di), 0.1 * torch.randn(di)
+    w = torch.randn(b, di, l)
+    results = []
+    for fn in (selective_scan_ref, selective_scan_c):
+        view = lambda X: X.transpose(1, 2)
+        out = fn(view(u), view(delta), A, view(x_dbl[..., r:r + n]), view(x_dbl[..., r + n:]), D, z=view(xz[..., di:]),
+                 delta_bias=bias, delta_softplus=True)
+        results.append((out, *torch.autograd.grad((out * w).sum(), (u, delta, xz, x_dbl))))
+    for ours, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_c_path_decays_that_underflow():
     x = random_inputs(di=16, l=9)  # delta around 30 and A down to -30: exp(delta A) far below fp32's smallest
     x = dict(x, delta=x["delta"].abs() + 30, A=30 * x["A"])

@@ -2,10 +2,10 @@
 Triton): the CPU scans, `selective_scan_c` (the C kernel) and `selective_scan_torch`, against the
 reference at the tiny default's training shapes, fp32.
 
-The inputs are laid out as the models pass them. LM layer (mamba.py's `MambaMixer.forward`): u the
-convolution's contiguous (b, di, l) output; delta, z, B, C transposed views of (b, l, .) tensors
-(z half of in_proj's output, B and C slices of x_proj's); the output's gradient as out_proj gives
-it. Connector (connector.py, VSS with k = 2 directions): u, delta contiguous (b, k * di, p); B, C
+The inputs are laid out as the models pass them. LM layer (mamba.py's `MambaMixer.forward`): u,
+delta, z, B, C transposed views of (b, l, .) tensors (u the convolution's output, z half of
+in_proj's output, B and C slices of x_proj's); the output's gradient as out_proj gives it.
+Connector (connector.py, VSS with k = 2 directions): u, delta contiguous (b, k * di, p); B, C
 grouped, slices of the (k, b, p, r + 2n) projection. Times are medians of single calls: the forward
 without autograd, and forward + backward. The machine should be otherwise idle (`uptime`).
 """
@@ -41,16 +41,15 @@ def scan_inputs(b, di, l, n, g, r=8, seed=0):
     the output's gradient; values drawn as at initialisation (A = -(1..n), delta about 0.01-0.3)."""
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=gen)
-    leaves = dict(u=rand(b, di, l), A=-torch.arange(1.0, n + 1).repeat(di, 1), D=torch.ones(di),
-                  delta_bias=torch.rand(di, generator=gen))
+    leaves = dict(A=-torch.arange(1.0, n + 1).repeat(di, 1), D=torch.ones(di), delta_bias=torch.rand(di, generator=gen))
     if g == 1:
-        leaves.update(delta=rand(b, l, di) - 4, xz=rand(b, l, 2 * di), proj=rand(b, l, r + 2 * n))
-        args = lambda: dict(u=leaves["u"], delta=leaves["delta"].transpose(1, 2),
+        leaves.update(u=rand(b, l, di), delta=rand(b, l, di) - 4, xz=rand(b, l, 2 * di), proj=rand(b, l, r + 2 * n))
+        args = lambda: dict(u=leaves["u"].transpose(1, 2), delta=leaves["delta"].transpose(1, 2),
                             z=leaves["xz"][..., di:].transpose(1, 2), B=leaves["proj"][..., r:r + n].transpose(1, 2),
                             C=leaves["proj"][..., r + n:].transpose(1, 2))  # (b, di or n, l) views
         dout = rand(b, l, di).transpose(1, 2)  # (b, di, l) view
     else:
-        leaves.update(delta=rand(b, di, l) - 4, proj=rand(g, b, l, r + 2 * n))
+        leaves.update(u=rand(b, di, l), delta=rand(b, di, l) - 4, proj=rand(g, b, l, r + 2 * n))
         args = lambda: dict(u=leaves["u"], delta=leaves["delta"], B=leaves["proj"][..., r:r + n].permute(1, 0, 3, 2),
                             C=leaves["proj"][..., r + n:].permute(1, 0, 3, 2))  # (b, g, n, l) views
         dout = rand(b, di, l)
