@@ -74,7 +74,7 @@ parser.add_argument("--lm", help="pretrained Mamba folder or repo id (default: t
 parser.add_argument("--tokenizer", help="tokenizer.json folder or repo id (paper presets; default "
                                         "EleutherAI/gpt-neox-20b)")
 parser.add_argument("--steps", type=Number(int, 1),
-                    help="optimizer steps (default: 3000 for shapes, 1 epoch of --data)")
+                    help="optimizer steps (default: 4500 for shapes, 1 epoch of --data)")
 parser.add_argument("--batch-size", type=Number(int, 1),
                     help="global batch (default: 16 shapes, 256 stage 1, 128 stage 2)")
 parser.add_argument("--grad-accum", type=Number(int, 1), help="micro-batches per step and process (default 1)")
@@ -280,7 +280,7 @@ def main():
     # sees exactly the batches the interrupted one would have seen, whatever the number of processes.
     max_text = cfg.max_len - cfg.vision.num_patches
     if shapes:
-        steps = r.steps or 3000
+        steps = r.steps or 4500
 
         def turn_length(*turn):
             return sum(map(len, encode_turn(tokenizer, template, *turn)))

@@ -93,7 +93,7 @@ def test_resume_keeps_the_runs_flags_and_nothing_is_overwritten(tmp_path):
     state["step"] = 4  # as if killed half-way
     torch.save(state, out / "train_state.pt")
     log = run("train.py", "--out", out, "--resume").stdout  # no flag: the run's own, 8 steps
-    assert "resuming" in log and "step     8/8" in log and "/3000" not in log
+    assert "resuming" in log and "step     8/8" in log and "/4500" not in log
     log = run("train.py", *QUICK, "--out", out, "--overwrite").stdout
     assert "held-out accuracy" in log
 
