@@ -22,7 +22,7 @@ image in k orders at once by giving each direction its own group of B and C (g =
 
 Official implementation: mamba_ssm/ops/selective_scan_interface.py (`selective_scan_ref` is the
 semantic spec; we keep its signature). `selective_scan_torch` is the same computation arranged to
-run fast on a CPU, `selective_scan_c` the same with its recurrence in C (cpu_scan.py); the fused
+run fast on a CPU, `selective_scan_c` the same in C (cpu_scan.py); the fused
 GPU kernels live in `triton_scan.py`.
 """
 

@@ -78,7 +78,8 @@ def test_resume_after_kill_is_exact(tmp_path):
 def test_chat_demo_one_shot(checkpoint, tmp_path):
     demo = tmp_path / "scene.png"
     result = run("chat.py", "--ckpt", checkpoint, "--demo", "--demo-file", demo, "-p", "How many shapes are there?")
-    assert demo.is_file() and len(result.stdout) > 1  # an answer before the closing newline (8 steps in: maybe newlines)
+    assert demo.is_file() and result.stdout.count("\n") >= 1  # the answer's line (8 steps in, often empty: the
+    # end-of-text comes first; test_web compares what is streamed with what is said)
 
 
 def test_chat_demo_draws_the_same_scene_again_with_its_seed(checkpoint, tmp_path):
@@ -120,7 +121,7 @@ def test_chat_batch_answers_and_resumes(checkpoint, tmp_path):
 def test_long_prompt_is_truncated_with_a_warning(checkpoint):
     result = run("chat.py", "--ckpt", checkpoint, "--demo", "--demo-file", checkpoint.parent / "d.png",
                  "-p", "Is there a red circle? " * 100)
-    assert "truncated" in result.stderr and len(result.stdout) > 1  # an answer before the closing newline
+    assert "truncated" in result.stderr and result.stdout.count("\n") >= 1  # and still an answer's line
 
 
 @pytest.fixture
