@@ -265,18 +265,18 @@ void conv_forward(int b, int l, int di, int k, const float *x, int sb, int st, c
         }
 }
 
-/* Each thread sums dw and dbias over its batch rows into its own slot of `partial`; the slots are
-   then added in thread order, so the result does not depend on which thread finishes first. */
+/* Each thread sums dw and dbias over its batch rows into its own slot of `partial` (a slot no
+   thread used stays zero); the slots are then added in order, so the result does not depend on
+   which thread finishes first. */
 void conv_backward(int b, int l, int di, int k, const float *x, int sb, int st, const float *w,
                    const float *bias, const float *dy, float *dx, float *dw, float *dbias) {
     size_t slot = (size_t)(k + 1) * di;  /* a thread's dw (k, di), then its dbias (di) */
-    float *partial = calloc((size_t)omp_get_max_threads() * slot, sizeof(float));
-    int threads = 1;
+    int slots = omp_get_max_threads();
+    float *partial = calloc((size_t)slots * slot, sizeof(float));
     #pragma omp parallel
     {
         float *dp = malloc(sizeof(float) * l * di);  /* one batch row's dp, (l, di) */
         float *dw_t = partial + omp_get_thread_num() * slot, *dbias_t = dw_t + (size_t)k * di;
-        threads = omp_get_num_threads();
         #pragma omp for schedule(static)
         for (int bi = 0; bi < b; bi++) {
             const float *xb = x + (size_t)bi * sb, *dyb = dy + (size_t)bi * l * di;
@@ -310,7 +310,7 @@ void conv_backward(int b, int l, int di, int k, const float *x, int sb, int st, 
     }
     memset(dw, 0, sizeof(float) * k * di);
     memset(dbias, 0, sizeof(float) * di);
-    for (int i = 0; i < threads; i++) {
+    for (int i = 0; i < slots; i++) {
         const float *dw_t = partial + i * slot, *dbias_t = dw_t + (size_t)k * di;
         for (int c = 0; c < k * di; c++) dw[c] += dw_t[c];
         for (int c = 0; c < di; c++) dbias[c] += dbias_t[c];
