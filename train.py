@@ -20,10 +20,6 @@ signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch loads just st
 
 import argparse
 import collections
-import ctypes
-import dataclasses
-import math
-import os
 import random
 import sys
 import time
@@ -33,27 +29,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from minivlmamba import UserError, VLMamba, preset
-from minivlmamba.checkpoint import (COMPONENTS, TIED, build_model, check_vocabulary, holds_checkpoint,
-                                    load_model, load_state_dict_strict, prepare_folder, read_train_state,
-                                    save_model, save_train_state)
+from minivlmamba import UserError
+from minivlmamba.checkpoint import (COMPONENTS, TIED, holds_checkpoint, load_model, load_state_dict_strict,
+                                    prepare_folder, read_train_state, save_model, save_train_state)
 from minivlmamba.cli import ArgumentParser, Number, device, one_line, run
 from minivlmamba.connector import CONNECTORS, SCANS
 from minivlmamba.data import LlavaDataset, collate, collate_good, encode_sample, sample_order
-from minivlmamba.pretrained import load_tokenizer
-from minivlmamba.shapes import FAMILIES, held_out_set, pretrain_tower, train_tokenizer, training_sample
+from minivlmamba.distributed import gathered, join_processes, keep_freed_memory, leave_processes, sharded_like_params
+from minivlmamba.evaluate import evaluate
+from minivlmamba.recipe import RECIPE, check_effect, fill_in_defaults, lr_factor, new_model, resumed
+from minivlmamba.shapes import FAMILIES, pretrain_tower, training_sample
 from minivlmamba.templates import IGNORE, encode_turn
 from minivlmamba.vlm import peak_bf16_flops
-
-# The flags that decide what a run computes, with their defaults. The parser leaves them None when not
-# given; they are saved with the run, and --resume keeps them (a flag given must agree with them).
-RECIPE = dict(preset="tiny", data=None, image_folder=".", stage=1, init=None, vision=None, lm=None,
-              tokenizer="EleutherAI/gpt-neox-20b", steps=None, batch_size=None, grad_accum=1, lr=None,
-              lr_vision=None, lr_connector=None, lr_lm=None, tower_steps=300, warmup=None, weight_decay=0.0,
-              grad_clip=1.0, connector=None, scan=None, no_group_by_length=False, seed=0)
 
 parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
 parser.add_argument("--preset", help="model preset (see minivlmamba/config.py; default tiny)")
@@ -113,34 +102,11 @@ args = parser.parse_args()
 saved_step = None  # the step of this run's last checkpoint (for the message on Ctrl-C)
 
 
-def keep_freed_memory():
-    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the system.
-
-    A CPU training step allocates and frees the same few-MB tensors every step; by default each
-    fresh allocation comes from the system again and every page costs a fault (a third of the
-    tiny default's time). Other C libraries: nothing to do.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from <malloc.h>
-    libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)  # allocations up to 32 MiB come from the reusable heap
-    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # and the heap is never trimmed
-
-
 def main():
     # ---------------------------------------------------------------- processes and devices
-    distributed = "RANK" in os.environ  # started by torchrun
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
-    device = args.device
+    distributed, rank, world, device = join_processes(args.device)  # (a run not started by torchrun: 0 of 1)
     if args.fsdp and not distributed:
         raise UserError("--fsdp shards the model over processes: start train.py with torchrun")
-    if distributed:
-        if device == "cuda":
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     master, cuda = rank == 0, device.startswith("cuda")
     if not cuda:
         keep_freed_memory()
@@ -156,15 +122,7 @@ def main():
     if args.resume:
         model, tokenizer = load_model(out)
         state = read_train_state(out, RECIPE)
-        recipe = {**state["recipe"], "steps": given.get("steps", state["recipe"]["steps"])}  # --steps: go on to it
-        changed = [f"--{name.replace('_', '-')} {value} (the run's: {recipe[name]})"
-                   for name, value in given.items() if value != recipe[name]]
-        if recipe["steps"] < state["step"]:
-            raise UserError(f"--steps {recipe['steps']}: the run in {out} is at step {state['step']} already")
-        if changed:
-            raise UserError(f"--resume continues the run in {out} with its own flags, so not with "
-                            f"{', '.join(changed)}: leave them out, or start a new run from it with --init {out} "
-                            "--out NEW")
+        recipe = resumed(state, given, out)
     else:
         if holds_checkpoint(out) and not args.overwrite:
             raise UserError(f"{out} holds a checkpoint already: continue it with --resume, write to another "
@@ -181,33 +139,14 @@ def main():
     if r.init and not args.resume:
         model, tokenizer = load_model(r.init)
     elif not args.resume:  # (a resumed model is loaded above)
-        cfg = preset(r.preset)
-        cfg.connector, cfg.scan = r.connector or cfg.connector, r.scan or cfg.scan
-        if r.preset == "tiny":
-            tokenizer = train_tokenizer(cfg.template, vocab_size=cfg.lm.vocab_size)
-            cfg.lm = dataclasses.replace(cfg.lm, vocab_size=tokenizer.get_vocab_size())
-            model = VLMamba(cfg)
-        else:  # a local folder is saved as an absolute path, so the checkpoint loads from anywhere
-            absolute = lambda path: str(Path(path).resolve()) if Path(path).is_dir() else path
-            cfg.vision_path, cfg.lm_path = absolute(r.vision or cfg.vision_path), absolute(r.lm or cfg.lm_path)
-            tokenizer = load_tokenizer(r.tokenizer)
-            model = build_model(cfg)
-            check_vocabulary(tokenizer, model, r.tokenizer)
-            lm_cfg = model.cfg.lm  # generation never samples the padding rows past the tokenizer's vocabulary
-            lm_cfg.vocab_size = min(lm_cfg.vocab_size, tokenizer.get_vocab_size())
+        model, tokenizer = new_model(r)
     cfg = model.cfg
     if shapes and cfg.vision_path:
         raise UserError(f"preset {r.preset!r} is trained on LLaVA data: give --data and --image-folder")
     stage = 0 if shapes else r.stage
     template = "plain" if stage == 1 else cfg.template  # stage 1 learns captions, not conversations
-    lr = {0: 1.2e-3, 1: 1e-3, 2: 2e-5}[stage] if r.lr is None else r.lr
-    r.warmup = (0.1 if shapes else 0.03) if r.warmup is None else r.warmup  # LLaVA's 3%
-    # the tower is frozen (unless shapes trains it from scratch), the LM in stage 1
-    # on shapes the connector learns at 5e-4: with 1.2e-3 one seed in eight never learned shapes
-    defaults = dict(vision=lr * (stage == 0 and r.tower_steps == 0), connector=5e-4 if shapes else lr,
-                    lm=lr * (stage != 1))
-    lrs = {part: defaults[part] if getattr(r, f"lr_{part}") is None else getattr(r, f"lr_{part}")
-           for part in COMPONENTS}  # 0 = frozen
+    fill_in_defaults(r, stage)
+    lrs = {part: getattr(r, f"lr_{part}") for part in COMPONENTS}  # 0 = frozen
     trained = tuple(part for part in COMPONENTS if lrs[part] > 0)
     pretrained = dict(vision=bool(cfg.vision_path) or (shapes and r.tower_steps > 0), connector=False,
                       lm=bool(cfg.lm_path))
@@ -219,14 +158,10 @@ def main():
                         "pretrained weights")
     # a checkpoint holds what was trained and whatever no pretrained weights could rebuild
     saved = tuple(part for part in COMPONENTS if part in trained or not getattr(cfg, f"{part}_path", ""))
-    batch_size = {0: 16, 1: 256, 2: 128}[stage] if r.batch_size is None else r.batch_size
-    if batch_size % (world * r.grad_accum):
-        raise UserError(f"--batch-size {batch_size} is not divisible by {world} processes x "
+    if r.batch_size % (world * r.grad_accum):
+        raise UserError(f"--batch-size {r.batch_size} is not divisible by {world} processes x "
                         f"{r.grad_accum} accumulation steps")
-    micro = batch_size // (world * r.grad_accum)
-    r.lr, r.batch_size = lr, batch_size
-    for part in COMPONENTS:
-        setattr(r, f"lr_{part}", lrs[part])
+    micro = r.batch_size // (world * r.grad_accum)
     if state is not None:  # the trained weights, exactly as saved
         names = [name for name in model.state_dict() if name.split(".")[0] not in saved or name == TIED]
         load_state_dict_strict(model, state["model"], str(out / "train_state.pt"), ignore=names)
@@ -299,9 +234,9 @@ def main():
         if dataset.problems:
             warn(f"warning: {len(dataset.problems)} of the {len(dataset)} samples of {r.data} cannot be used and "
                  f"will be skipped (the first: {dataset.problems[0]})")
-        steps = r.steps or max(1, len(dataset) // batch_size)
-        order = sample_order(dataset.text_lengths(), batch_size, r.seed, group=not r.no_group_by_length)
-        sampler = [order[(s * batch_size + (i * world + rank) * micro + j) % len(dataset)]
+        steps = r.steps or max(1, len(dataset) // r.batch_size)
+        order = sample_order(dataset.text_lengths(), r.batch_size, r.seed, group=not r.no_group_by_length)
+        sampler = [order[(s * r.batch_size + (i * world + rank) * micro + j) % len(dataset)]
                    for s in range(step, steps) for i in range(r.grad_accum) for j in range(micro)]
         loader = iter(torch.utils.data.DataLoader(dataset, micro, sampler=sampler, num_workers=args.workers,
                                                   collate_fn=collate_good, pin_memory=cuda))
@@ -312,13 +247,6 @@ def main():
     r.steps = steps
     if state is not None:
         log(f"resuming {out} at step {step}/{steps}, with the flags the run was started with")
-
-    def lr_factor(step):
-        """Linear warmup, then cosine decay to 10% of the peak."""
-        warmup = max(1, int(r.warmup * steps))
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(1, steps - warmup), 1.0)))
 
     # ---------------------------------------------------------------- training loop
     def save():
@@ -340,7 +268,7 @@ def main():
     recent = collections.deque([(t0, step)], maxlen=6)  # (time, step) at the last few log lines: the ETA
     while step < steps:
         for group in optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * lr_factor(step)
+            group["lr"] = group["peak_lr"] * lr_factor(step, steps, r.warmup)
         optimizer.zero_grad(set_to_none=True)
         losses = []
         for batch, bad in micro_batches(step):  # bad: why each of the micro-batch's bad samples is
@@ -395,7 +323,8 @@ def main():
 
     # ---------------------------------------------------------------- held-out evaluation
     if shapes and (master or args.fsdp):
-        accuracy = evaluate(raw_model, tokenizer, device, autocast, r.seed)  # FSDP: every process, forward needs all
+        # under FSDP every process evaluates: the forward needs all of them
+        accuracy = evaluate(raw_model, tokenizer, device, autocast, r.seed, args.eval_per_family)
         log(f"\n{'family':<10} {'accuracy':>8}")
         for family in FAMILIES:
             log(f"{family:<10} {100 * accuracy[family]:7.1f}%")
@@ -404,71 +333,7 @@ def main():
     elif master:
         log(f"saved {out}/ ({time.time() - t0:.0f} s, {skipped} bad samples skipped)")
     if distributed:
-        dist.barrier()  # no process tears its group down while another still uses it (gloo aborted, once)
-        dist.destroy_process_group()
-
-
-def check_effect(given, shapes, r):
-    """A flag given that this run would not use is a mistake: say so instead of ignoring it."""
-    unused = {}
-    if shapes:
-        unused.update(dict.fromkeys(("image_folder", "stage", "no_group_by_length"), "without --data (the shapes set)"))
-    else:
-        unused["tower_steps"] = "with --data (the tower is pretrained on shapes only)"
-    if r.init:
-        unused.update(dict.fromkeys(("preset", "connector", "scan", "vision", "lm", "tokenizer"),
-                                    "with --init (the model is the checkpoint's)"))
-    elif r.preset == "tiny":
-        unused.update(dict.fromkeys(("vision", "lm", "tokenizer"), "with the tiny preset (trained from scratch)"))
-    for name in given:
-        if name in unused:
-            raise UserError(f"--{name.replace('_', '-')} has no effect {unused[name]}; leave it out")
-
-
-def gathered(tensor, keep=True):
-    """The whole tensor on the CPU (None unless keep). Under FSDP each process holds a shard of it
-    and every process must take part in the gather."""
-    if isinstance(tensor, DTensor):
-        tensor = tensor.full_tensor()
-    return tensor.cpu() if keep else None
-
-
-def sharded_like_params(optimizer_state, optimizer):
-    """A saved (whole) optimizer state cut like the optimizer's parameters: under FSDP each process
-    keeps its own shard of every tensor (cut from its local copy, no communication)."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for i, state in optimizer_state["state"].items():
-        p = params[i]
-        if isinstance(p, DTensor):
-            optimizer_state["state"][i] = {
-                k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None) if v.dim() else v
-                for k, v in state.items()}
-    return optimizer_state
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, device, autocast, seed, batch_size=100):
-    """Greedy exact-match accuracy per family on held-out scenes (a seed never used for training).
-
-    Greedy decoding reproduces an answer exactly iff every answer token, end-of-text included, is
-    the argmax given the ones before it; so we score all answers at once with one forward pass.
-    """
-    model.eval()
-    items = held_out_set(seed=10_000 + seed, per_family=args.eval_per_family)
-    correct = {family: 0 for family in FAMILIES}
-    max_text = model.cfg.max_len - model.cfg.vision.num_patches
-    for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
-        pixels = model.vision.preprocess([image for image, *_ in chunk])
-        encoded = [encode_sample(tokenizer, model.cfg.template, [(q, a)], max_text) for _, q, a, _ in chunk]
-        pixel_values, input_ids, labels = (t.to(device) for t in collate(list(pixels), encoded))
-        with autocast:
-            logits, _ = model(pixel_values, input_ids)
-        hit = (logits.argmax(-1) == labels) | (labels < 0)  # (b, l)
-        for (_, _, _, family), ok in zip(chunk, hit.all(-1).tolist()):
-            correct[family] += ok
-    model.train()
-    return {family: correct[family] / args.eval_per_family for family in FAMILIES}
+        leave_processes()
 
 
 def interrupted():
