@@ -1,6 +1,6 @@
 """A chat page in the browser: `python chat.py --web` (Gradio: pip install -e ".[web]").
 
-A thin layer over chat.py's Conversation, which chat.py hands in: each browser tab keeps its own
+A thin layer over minivlmamba.conversation's Conversation: each browser tab keeps its own
 Conversation in a gr.State, so the image and each question are read once and the model's recurrent
 state carries the chat, as in the terminal. Answers stream in token by token; one answer is
 generated at a time, the other tabs' requests wait in Gradio's queue. Nothing is fetched from the
@@ -14,6 +14,7 @@ from pathlib import Path
 import gradio as gr
 
 from minivlmamba import UserError
+from minivlmamba.conversation import Conversation
 from minivlmamba.data import load_image
 from minivlmamba.shapes import make_scene, render
 
@@ -28,7 +29,7 @@ def describe(ckpt, model):
            f"trained {trained}."
 
 
-def serve(model, tokenizer, Conversation, args):
+def serve(model, tokenizer, args):
     shapes = not model.cfg.vision_path  # train.py trains a model without a pretrained tower on shapes
 
     def start(image, label):
