@@ -50,8 +50,9 @@ PRESETS = {
     # The embedded default: a VL-Mamba small enough to train from scratch on a laptop CPU in minutes.
     # Its vision tower is pretrained first on the same synthetic images, then frozen (shapes.py); its
     # vocabulary comes from the byte-level BPE tokenizer trained on the synthetic data (train.py sets
-    # vocab_size). d_model 96 learns as fast per sample as 128 did, at 0.6x the time a step; a
-    # mixer 3x as wide (expand 3) gains 3 points over 2 at 1.15x the time a step. Its
+    # vocab_size). d_model 96 learns as fast per sample as 128 did, at 0.6x the time a step. Its
+    # mixer is 3x as wide (expand 3) with half the state a channel (d_state 8): 2 points more than
+    # expand 2 with 16, and a step no slower (notes/tiny-default.md). Its
     # embeddings start at 10x upstream's scale, nearer the connector's image tokens (norm ~6 against
     # 0.2): over eight seeds the run no longer fails to learn shapes on some (notes/tiny-default.md).
     # Its template spends two tokens a turn on the roles where zephyr spends seven: a sequence holds
@@ -59,7 +60,7 @@ PRESETS = {
     "tiny": lambda: VLMConfig(
         vision=VisionConfig(image_size=48, patch_size=16, width=96, layers=2, heads=4, mlp=192, act="gelu",
                             norm_eps=1e-5, select_layer=-1),
-        lm=MambaConfig(d_model=96, n_layer=3, expand=3, vocab_size=512, embedding_std=0.2),
+        lm=MambaConfig(d_model=96, n_layer=3, expand=3, d_state=8, vocab_size=512, embedding_std=0.2),
         template="compact", max_len=96),
     # The paper's models (VL-Mamba final: SigLIP-SO400M/384 + Mamba-2.8B-SlimPJ + VSS-L2 + BSM).
     "vl-mamba-2.8b": _paper(SIGLIP, "state-spaces/mamba-2.8b-slimpj", 2560, 64),
