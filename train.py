@@ -20,6 +20,7 @@ signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch loads just st
 
 import argparse
 import collections
+import functools
 import random
 import sys
 import time
@@ -217,8 +218,12 @@ def main():
     if shapes:
         steps = r.steps or 4500
 
+        # a few thousand distinct turns, each encoded to count its tokens, then to build the sample:
+        # remembered (lists shared between calls, only read), a batch takes 7.8 ms instead of 13.9
+        encode = functools.lru_cache(maxsize=None)(encode_turn)
+
         def turn_length(*turn):
-            return sum(map(len, encode_turn(tokenizer, template, *turn)))
+            return sum(map(len, encode(tokenizer, template, *turn)))
 
         def micro_batches(step):
             for i in range(r.grad_accum):
@@ -227,7 +232,7 @@ def main():
                 for _ in range(micro):
                     image, turns = training_sample(rng, max_text, turn_length)
                     pixels.append(raw_model.vision.preprocess([image])[0])
-                    encoded.append(encode_sample(tokenizer, template, turns, max_text))
+                    encoded.append(encode_sample(tokenizer, template, turns, max_text, encode))
                 yield collate(pixels, encoded), []
     else:
         dataset = LlavaDataset(r.data, r.image_folder, tokenizer, template, cfg.vision, max_text)

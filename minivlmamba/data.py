@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageOps
 
 from minivlmamba.config import UserError
-from minivlmamba.templates import IGNORE, encode_conversation
+from minivlmamba.templates import IGNORE, encode_conversation, encode_turn
 from minivlmamba.vision import preprocess_image, to_rgb
 
 PAD_ID = 1  # <|padding|>
@@ -72,9 +72,10 @@ def image_in_folder(folder: Path, name) -> Image.Image:
     return load_image(image_path(folder, name))
 
 
-def encode_sample(tokenizer, template, turns, max_text_len):
-    """(question, answer) turns -> (ids, labels) tensors, cut to max_text_len tokens."""
-    ids, labels = encode_conversation(tokenizer, turns, template)
+def encode_sample(tokenizer, template, turns, max_text_len, encode=encode_turn):
+    """(question, answer) turns -> (ids, labels) tensors, cut to max_text_len tokens (`encode`: as
+    encode_conversation's)."""
+    ids, labels = encode_conversation(tokenizer, turns, template, encode)
     return torch.tensor(ids[:max_text_len]), torch.tensor(labels[:max_text_len])
 
 

@@ -11,7 +11,6 @@ stop token at generation time).
 Later turns are prefixed by a newline (compact: by nothing).
 """
 
-import functools
 from dataclasses import dataclass
 
 EOT = "<|endoftext|>"  # GPT-NeoX's end of text, id 0
@@ -39,22 +38,18 @@ def prompt_text(question: str, template: str, first_turn: bool = True) -> str:
     return ("" if first_turn else t.separator) + t.user.format(q=question.replace("<image>", "").strip())
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def encode_turn(tokenizer, template: str, question: str, answer: str, first_turn: bool):
-    """One (question, answer) turn -> (prompt ids, reply ids), two tuples; the loss is on the reply alone.
-
-    Remembered: the shapes set asks a few thousand distinct questions, and encoding them again was
-    40% of the time its training batches take to make (the tokenizers are never changed once made).
-    """
-    return (tuple(tokenizer.encode(prompt_text(question, template, first_turn)).ids),
-            tuple(tokenizer.encode(answer.strip() + EOT).ids))
+    """One (question, answer) turn -> (prompt ids, reply ids); the loss is on the reply alone."""
+    return (tokenizer.encode(prompt_text(question, template, first_turn)).ids,
+            tokenizer.encode(answer.strip() + EOT).ids)
 
 
-def encode_conversation(tokenizer, turns, template: str):
-    """turns: [(question, answer), ...] -> (ids, labels), two equal-length lists of ints."""
+def encode_conversation(tokenizer, turns, template: str, encode=encode_turn):
+    """turns: [(question, answer), ...] -> (ids, labels), two equal-length lists of ints. `encode` is
+    encode_turn or a function like it (train.py's remembers the shapes set's turns)."""
     ids, labels = [], []
     for i, (question, answer) in enumerate(turns):
-        prompt, reply = encode_turn(tokenizer, template, question, answer, i == 0)
+        prompt, reply = encode(tokenizer, template, question, answer, i == 0)
         ids += prompt + reply
-        labels += [IGNORE] * len(prompt) + list(reply)
+        labels += [IGNORE] * len(prompt) + reply
     return ids, labels
