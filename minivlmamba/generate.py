@@ -26,10 +26,10 @@ while the one before it drains, loads its weights (which no kernel writes), and 
 for its predecessor's output (`gdc_wait`). So the ramp-up of one kernel hides in the tail of the last.
 
 `CudaGraphDecoder` captures the step for one batch size against a static cache and a static buffer
-of token ids: each new token is one `graph.replay()`. The prefill runs the training's fused,
-channels-first LM (`MambaLM.hidden_states_fused`, a few large kernels a layer) after the image
-encoder replayed from a graph of its own (`CudaGraphCall`: the tower and connector are hundreds of
-small kernels whose launches would cost more than their work).
+of token ids: each new token is one `graph.replay()`. `CudaGraphPrefill` captures the whole prefill
+the same way: the image encoder (hundreds of small kernels) and the training's fused, channels-first
+LM (`MambaLM.hidden_states_fused`, a few large kernels a layer), whose launches one by one cost more
+than their work; one graph serves every prompt up to its length, the rest of it padding.
 
 Official implementation: mamba_ssm/utils/generation.py (`update_graph_cache`, `capture_graph`).
 We differ in fusing the step ourselves and in letting any cache borrow the graph's state (`bind`).
@@ -264,20 +264,44 @@ def capture(fn, *args):
     return graph, out
 
 
-class CudaGraphCall:
-    """fn(x) for x of one shape and dtype, captured once as a CUDA graph (the prefill's image encoder:
-    the vision tower and the connector, some 400 kernels, launched by one call). A call copies x in and
-    replays; the tensor it returns is the graph's output buffer, rewritten by the next call."""
+class CudaGraphPrefill:
+    """`VLMamba.prefill` for one image shape and one padded length, captured once as a CUDA graph: the
+    image encoder, the LM over image and text, and the LM head at the last real step, some 2,000
+    kernels at the paper's shapes, launched by one call (eager, the host launching them one by one
+    took longer than the GPU ran them).
 
-    def __init__(self, fn, example):
+    Any prompt of up to `text_length` tokens replays it: its ids go into the start of a static
+    buffer of that length, its length into a tensor the graph reads, and the LM treats what follows
+    as padding (`MambaLM.hidden_states_fused`). A call copies the states the graph leaves in its own
+    cache into the caller's, and returns the next-token logits (b, v), rewritten by the next call.
+    """
+
+    def __init__(self, model, pixel_values, text_length):
+        lm, self.image_tokens = model.lm, model.cfg.vision.num_patches
+
+        def prefill(pixel_values, input_ids, steps):
+            hidden = lm.hidden_states_fused(model.embed(pixel_values, input_ids).float(), self.cache, steps)
+            return lm.lm_head(hidden.index_select(1, steps.view(1) - 1)[:, 0])  # (b, v)
+
         with torch.inference_mode(False), torch.no_grad():  # plain tensors: callable outside inference mode too
-            self.input = torch.empty_like(example).copy_(example)
-            self.graph, self.output = capture(fn, self.input)
+            b, device = pixel_values.shape[0], pixel_values.device
+            self.cache = lm.allocate_cache(b)
+            self.pixel_values = pixel_values.clone()
+            self.input_ids = torch.zeros(b, text_length, dtype=torch.long, device=device)
+            self.steps = torch.tensor(self.image_tokens + 1, device=device)
+            self.graph, self.logits = capture(prefill, self.pixel_values, self.input_ids, self.steps)
 
-    def __call__(self, x):
-        self.input.copy_(x)
+    def __call__(self, pixel_values, input_ids, cache: InferenceCache):
+        """pixel_values (b, 3, H, W) of the captured shape, input_ids (b, l) with l <= text_length."""
+        l = input_ids.shape[1]
+        self.pixel_values.copy_(pixel_values)
+        self.input_ids[:, :l].copy_(input_ids)
+        self.input_ids[:, l:].zero_()  # padding: any ids would do; zeros keep every replay the same
+        self.steps.fill_(self.image_tokens + l)
         self.graph.replay()
-        return self.output
+        cache.conv_state.copy_(self.cache.conv_state)
+        cache.ssm_state.copy_(self.cache.ssm_state)
+        return self.logits
 
 
 class CudaGraphDecoder:

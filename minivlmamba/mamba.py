@@ -145,7 +145,7 @@ class MambaMixer(nn.Module):
             cache.ssm_state[self.layer_idx].copy_(last_state)
         return self.out_proj(rearrange(y, "b di l -> b l di"))  # (b, l, d)
 
-    def forward_channels_first(self, hidden, cache: InferenceCache | None = None, steps=None):
+    def forward_channels_first(self, hidden, cache: InferenceCache | None = None, real=None):
         """The forward above, with every (di)-wide tensor kept channels first: (di, b * l), each
         channel's steps contiguous, one sequence after the other.
 
@@ -160,9 +160,12 @@ class MambaMixer(nn.Module):
         `WeightProduct`s (weight_product.py): fp32 weights cast to bf16 once an optimizer step, fp32
         weight gradients that cuBLAS adds into `.grad` itself. Same parameters, same result
         (tests/test_training.py).
-        With a cache (the prefill on GPUs) only the first `steps` steps of each sequence are real, the
-        rest padding at its end: the scan stops there, so the states it leaves in the cache are those
-        after the last real step, and the outputs of the padding are zero.
+        With a cache (the prefill on GPUs), `real` says which steps are real, the rest padding at the
+        end of each sequence (`MambaLM.hidden_states_fused` makes it): (padding (l,) bool, last
+        (l, d_conv), one-hot columns that pick the last d_conv real steps). The padding steps get
+        delta = softplus(-inf) = 0: a decay of exp(0) = 1 and no input, so the scan carries the state
+        after the last real step through them unchanged, and the cache gets that state. Tensors, not a
+        length: one CUDA graph then replays prefills of any length (generate.py).
         """
         from minivlmamba.triton_conv import causal_conv1d_silu  # here: Triton loads only when used
         b, l, d = hidden.shape
@@ -174,16 +177,18 @@ class MambaMixer(nn.Module):
         x, z = causal_conv1d_silu(xz.view(2, di, b, l), self.conv1d.weight[:, 0], self.conv1d.bias)  # (di, b, l) each
         dt, B, C = WeightProduct.apply(self.x_proj.weight, x.view(di, b * l), True).split([r, n, n])  # (r|n|n, b*l)
         delta = WeightProduct.apply(self.dt_proj.weight, dt, True)  # (di, b*l); its bias goes into the scan
-        steps = l if steps is None else steps
-        seq = lambda t: t.view(-1, b, l).transpose(0, 1)[..., :steps]  # (c, b*l) -> (b, c, steps), a view
+        if cache is not None:
+            padding, last = real
+            delta.view(di, b, l).masked_fill_(padding, float("-inf"))
+        seq = lambda t: t.view(-1, b, l).transpose(0, 1)  # (c, b*l) -> (b, c, l), a view
         y = selective_scan(seq(x), seq(delta), -torch.exp(self.A_log.float()), seq(B), seq(C),
                            self.D.float(), z=seq(z), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-                           return_last_state=cache is not None, backend=self.cfg.scan_backend)  # (b, di, steps)
+                           return_last_state=cache is not None, backend=self.cfg.scan_backend)  # (b, di, l)
         if cache is not None:
             y, last_state = y
             cache.ssm_state[self.layer_idx].copy_(last_state)
-            cache.conv_state[self.layer_idx].copy_(F.pad(seq(xz[:di]), (self.cfg.d_conv - steps, 0)))
-            y = F.pad(y, (0, l - steps))  # (b, di, l): zeros for the padding, rows 16-byte aligned again
+            inputs = xz[:di].view(di, b, l)  # the conv's inputs
+            cache.conv_state[self.layer_idx].copy_((inputs @ last.to(inputs.dtype)).transpose(0, 1))  # (b, di, d_conv)
         y = y.transpose(0, 1).reshape(di, b * l)  # (di, b*l): a view where the scan kept u's layout
         return WeightProduct.apply(self.out_proj.weight, y.t(), False).view(b, l, d)  # (b, l, d)
 
@@ -213,11 +218,11 @@ class Block(nn.Module):
     def forward(self, x, cache=None):
         return x + self.mixer(self.norm(x), cache)  # fp32 + bf16 adds in fp32: no separate cast
 
-    def forward_fused(self, out, residual, cache=None, steps=None):
+    def forward_fused(self, out, residual, cache=None, real=None):
         """Upstream's cut of the same block, for training on GPUs (`MambaLM.hidden_states_fused`).
 
         Args: out (b, l, d), the previous block's output (the embeddings at the first block);
-        residual (b*l, d) fp32, the stream it adds to (None at the first block); cache and steps as
+        residual (b*l, d) fp32, the stream it adds to (None at the first block); cache and real as
         for `MambaMixer.forward_channels_first`.
         Returns: this block's output (b, l, d) and the stream it will add to (b*l, d) fp32. The add and
         this block's RMSNorm are one Triton kernel each way (triton_norm.py).
@@ -225,7 +230,7 @@ class Block(nn.Module):
         from minivlmamba.triton_norm import add_rms_norm  # here: Triton loads only when used
         b, l, d = out.shape
         residual, normed = add_rms_norm(out.reshape(b * l, d), residual, self.norm.weight, self.norm.eps)
-        return self.mixer.forward_channels_first(normed.view(b, l, d), cache, steps), residual
+        return self.mixer.forward_channels_first(normed.view(b, l, d), cache, real), residual
 
     def step(self, x, cache):
         return x + self.mixer.step(self.norm(x), cache)
@@ -289,9 +294,12 @@ class MambaLM(nn.Module):
                 x = block(x, cache)
         return self.backbone.norm_f(x)
 
-    def hidden_states_fused(self, x, cache: InferenceCache | None = None):
+    def hidden_states_fused(self, x, cache: InferenceCache | None = None, steps=None):
         """The loop of `hidden_states` for GPUs: x (b, l, d) fp32 -> (b, l, d) in the mixers' output
-        dtype (bf16 under autocast: the LM head's input); with a cache, the prefill.
+        dtype (bf16 under autocast: the LM head's input); with a cache, the prefill, of which only the
+        first `steps` steps are real (a 0-d long tensor on x's device; all l by default): the cache
+        gets the states after them, whatever the padding after them holds (generate.py's prefill
+        graph pads every prompt to the length it was captured at).
 
         The same blocks cut where upstream cuts them (`Block.forward_fused`): each takes the previous
         block's output and the residual stream, so that the residual add and the next RMSNorm are one
@@ -300,18 +308,24 @@ class MambaLM(nn.Module):
         (di, b * l) matrices: cuBLAS's fast kernels and the scan's vector loads need rows that start
         16-byte aligned (at an odd b * l the products ran 4x slower). So each sequence is padded at its
         end to a multiple of 16 steps; every layer is causal or per step, so the padding changes no
-        real step and receives no gradient, and the scans stop before it for the cache's states.
+        real step and receives no gradient, and the scans carry the cache's states through it unchanged.
         """
         from minivlmamba.triton_norm import add_rms_norm  # here: Triton loads only when used
         b, l, d = x.shape
         lp = l + -l % 16
         out, residual = F.pad(x, (0, 0, 0, lp - l)), None  # (b, lp, d): the embeddings come in as an "output"
+        real = None
+        if cache is not None:  # which steps are real, once for every layer (MambaMixer.forward_channels_first)
+            steps = torch.tensor(l, device=x.device) if steps is None else steps
+            t, k = torch.arange(lp, device=x.device), self.cfg.d_conv
+            last = t[:, None] == steps - k + torch.arange(k, device=x.device)  # (lp, k): before the start, none
+            real = (t >= steps, last.to(self.backbone.embedding.weight.dtype))
         for block in self.backbone.layers:
             if self.gradient_checkpointing and self.training and cache is None:
                 out, residual = torch.utils.checkpoint.checkpoint(block.forward_fused, out, residual,
                                                                   use_reentrant=False)
             else:
-                out, residual = block.forward_fused(out, residual, cache, l if cache is not None else None)
+                out, residual = block.forward_fused(out, residual, cache, real)
         norm = self.backbone.norm_f
         _, normed = add_rms_norm(out.reshape(b * lp, d), residual, norm.weight, norm.eps)  # (b*lp, d)
         return normed.view(b, lp, d)[:, :l]

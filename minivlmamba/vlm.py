@@ -40,29 +40,13 @@ class VLMamba(nn.Module):
                                    cfg.vss_d_state, cfg.vss_expand, cfg.lm.scan_backend)
         self.lm = lm if lm is not None else MambaLM(cfg.lm)
         self.decoders = {}  # CUDA-graph decode steps by (batch size, device, dtype), captured on first use
-        self.encoders = {}  # CUDA-graph image encoders by (input shape, input dtype, device, dtype), likewise
+        self.prefills = {}  # CUDA-graph prefills by (image shape and dtype, padded length, device, dtype), likewise
 
-    def embed(self, pixel_values, input_ids, cuda_graph=False):
+    def embed(self, pixel_values, input_ids):
         """pixel_values (b, 3, H, W), input_ids (b, l) -> inputs_embeds (b, p + l, d): image first."""
-        image = self.image_tokens(pixel_values, cuda_graph)  # (b, p, d)
+        image = self.connector(self.vision(pixel_values))  # (b, p, d)
         text = self.lm.backbone.embedding(input_ids)  # (b, l, d)
         return torch.cat([image.to(text.dtype), text], dim=1)
-
-    def image_tokens(self, pixel_values, cuda_graph=False):
-        """pixel_values (b, 3, H, W) -> visual tokens (b, p, d): the tower, then the connector.
-
-        With cuda_graph on CUDA (inference only) a replay of the two captured as one CUDA graph per
-        input shape (generate.py); the tokens it returns are rewritten by the next replay.
-        """
-        if not (cuda_graph and pixel_values.is_cuda):
-            return self.connector(self.vision(pixel_values))
-        from minivlmamba.generate import CudaGraphCall  # here: Triton is loaded only for the GPU path
-        weight = self.lm.backbone.embedding.weight
-        key = (tuple(pixel_values.shape), pixel_values.dtype, weight.device, weight.dtype)
-        if key not in self.encoders:  # a model moved to another device or dtype drops its old graphs
-            self.encoders = {k: v for k, v in self.encoders.items() if k[2:] == key[2:]}
-            self.encoders[key] = CudaGraphCall(lambda x: self.connector(self.vision(x)), pixel_values)
-        return self.encoders[key](pixel_values)
 
     def forward(self, pixel_values, input_ids, labels=None):
         """Without labels -> (logits (b, l, v) for the text positions, None); with labels (b, l) ->
@@ -110,10 +94,24 @@ class VLMamba(nn.Module):
     @torch.inference_mode()
     def prefill(self, pixel_values, input_ids, cache: InferenceCache, cuda_graph=True):
         """Read the image and the prompt into a fresh cache; returns the next-token logits (b, v).
-        On CUDA the image encoder is replayed from its CUDA graph (unless cuda_graph is False) and the
-        LM runs fused (`MambaLM.hidden_states_fused`)."""
-        hidden = self.lm.hidden_states(self.embed(pixel_values, input_ids, cuda_graph), cache)  # (b, p + l, d)
-        return self.lm.lm_head(hidden[:, -1])
+
+        On CUDA (unless cuda_graph is False) a replay of the whole prefill captured as one CUDA graph
+        (generate.py), one per image shape and per 16 steps of length: prompts up to that length
+        share it, so a chat captures a few. Without it the LM still runs fused on CUDA.
+        """
+        if not (cuda_graph and pixel_values.is_cuda):
+            hidden = self.lm.hidden_states(self.embed(pixel_values, input_ids), cache)  # (b, p + l, d)
+            return self.lm.lm_head(hidden[:, -1])
+        from minivlmamba.generate import CudaGraphPrefill  # here: Triton is loaded only for the GPU path
+        p, weight = self.cfg.vision.num_patches, self.lm.backbone.embedding.weight
+        text_length = -(-(p + input_ids.shape[1]) // 16) * 16 - p  # the LM's steps a multiple of 16
+        key = (tuple(pixel_values.shape), pixel_values.dtype, text_length, weight.device, weight.dtype)
+        if key not in self.prefills:
+            self.prefills = {k: v for k, v in self.prefills.items() if k[3:] == key[3:]}  # moved: drop the old
+            if len(self.prefills) == 4:  # each graph keeps its own working memory: forget the oldest
+                del self.prefills[next(iter(self.prefills))]
+            self.prefills[key] = CudaGraphPrefill(self, pixel_values, text_length)
+        return self.prefills[key](pixel_values, input_ids, cache).clone()  # the graph's buffer is rewritten next time
 
     @torch.inference_mode()
     def extend(self, input_ids, cache: InferenceCache, cuda_graph=True):

@@ -1,6 +1,6 @@
 """Generation: decoding == full forward at every position, batched == one at a time, sampling rules,
 the fused step == the readable step, the fused prefill == the readable prefill, and CUDA-graph
-replay == eager decoding and image encoding (GPU only).
+replay == eager decoding and prefill (GPU only).
 
 Without CUDA the fused step's Triton kernels run in Triton's interpreter on the CPU.
 """
@@ -118,32 +118,39 @@ def test_fused_step_equals_readable_step(batch):
     torch.testing.assert_close(cache.ssm_state, twin.ssm_state, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("l", [3, 13])  # shorter than the conv window; odd, so padded to 16 steps
-def test_fused_prefill_equals_readable_prefill(l):
+@pytest.mark.parametrize("l, pad", [(3, 0), (13, 0), (13, 22)])  # shorter than the conv window; odd, so
+def test_fused_prefill_equals_readable_prefill(l, pad):                # padded to 16; noise after the real steps
     torch.manual_seed(0)
     cfg = MambaConfig(d_model=24, n_layer=2, vocab_size=50, d_state=5, dt_rank=3, scan_backend="triton")
     lm = MambaLM(cfg).eval().to(DEVICE)
-    embeds = torch.randn(2, l, 24, device=DEVICE)
+    embeds = torch.randn(2, l + pad, 24, device=DEVICE)  # with pad > 0: only the first l steps are real
     with torch.no_grad():
         fused, twin = lm.allocate_cache(2), lm.allocate_cache(2)
         fused.conv_state.fill_(7.0)  # stale values: the prefill must overwrite every one of them
         fused.ssm_state.fill_(7.0)
-        got = lm.hidden_states_fused(embeds, fused)
-        want = lm.hidden_states(embeds, twin, fused=False)  # the readable loop
+        got = lm.hidden_states_fused(embeds, fused, torch.tensor(l, device=DEVICE))[:, :l]
+        want = lm.hidden_states(embeds[:, :l], twin, fused=False)  # the readable loop
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fused.conv_state, twin.conv_state, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused.ssm_state, twin.ssm_state, rtol=1e-4, atol=1e-4)
 
 
 @needs_cuda
-def test_image_encoder_graph_equals_eager():
+def test_prefill_graph_equals_eager():
+    """Prompts of 5 and 7 tokens replay one graph (9 image tokens + 7: 16 steps), 8 tokens a second;
+    each leaves the logits and states of the eager prefill, whatever the prompt replayed before it."""
     model = tiny_vlm(device="cuda")
-    for seed in range(2):  # the second call replays the graph the first one captured
-        pixel_values = torch.randn(1, 3, 48, 48, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
-        with torch.inference_mode():
-            graphed = model.image_tokens(pixel_values, cuda_graph=True).clone()
-            eager = model.image_tokens(pixel_values)
-        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+    gen = torch.Generator("cuda").manual_seed(0)
+    for l in (5, 7, 8, 5):
+        pixel_values = torch.randn(1, 3, 48, 48, device="cuda", generator=gen)
+        prompt = torch.randint(2, 50, (1, l), device="cuda", generator=gen)
+        graphed, eager = model.lm.allocate_cache(1), model.lm.allocate_cache(1)
+        logits = model.prefill(pixel_values, prompt, graphed)
+        torch.testing.assert_close(logits, model.prefill(pixel_values, prompt, eager, cuda_graph=False),
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(graphed.conv_state, eager.conv_state, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(graphed.ssm_state, eager.ssm_state, rtol=1e-4, atol=1e-4)
+    assert len(model.prefills) == 2
 
 
 @needs_cuda

@@ -84,15 +84,15 @@ def seconds(fn, repeats=5):
 
 
 def first_token_parts(model, pixel_values, prompt):
-    """The first token's pieces, each timed alone: image encoder (eager, graph), LM prefill (readable, fused)."""
-    image = model.image_tokens(pixel_values, cuda_graph=True)
-    embeds = torch.cat([image, model.lm.backbone.embedding(prompt)], 1)  # (1, p + l, d)
+    """The first token's pieces, each timed alone: image encoder and LM prefill eager (readable, fused),
+    then the whole prefill as chat.py runs it (one CUDA graph)."""
+    embeds = model.embed(pixel_values, prompt)  # (1, p + l, d)
     cache = model.lm.allocate_cache(1)
     parts = {
-        "image encoder (tower + connector), eager": lambda: model.image_tokens(pixel_values),
-        "image encoder, CUDA graph": lambda: model.image_tokens(pixel_values, cuda_graph=True),
+        "image encoder (tower + connector), eager": lambda: model.connector(model.vision(pixel_values)),
         f"LM prefill of {embeds.shape[1]} tokens, readable": lambda: model.lm.hidden_states(embeds, cache, fused=False),
         f"LM prefill of {embeds.shape[1]} tokens, fused": lambda: model.lm.hidden_states(embeds, cache),
+        "whole prefill + LM head, one CUDA graph": lambda: model.prefill(pixel_values, prompt, cache),
     }
     for fn in parts.values():
         fn()  # warm-up: compiles, captures
@@ -107,7 +107,8 @@ def scan_sweep(di=5120, n=16):
         B, C = (torch.randn(1, n, l, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         A = -torch.rand(di, n, device="cuda") - 0.5
         D, bias = torch.rand(di, device="cuda"), torch.rand(di, device="cuda") - 4
-        for chunk, block_d, warps in ((8, 16, 1), (8, 8, 1), (8, 4, 1), (16, 4, 1), (8, 2, 1), (16, 8, 2)):
+        for chunk, block_d, warps in ((8, 16, 1), (8, 4, 1), (16, 4, 1), (32, 4, 1), (64, 4, 1), (16, 2, 1),
+                                       (32, 2, 1), (16, 8, 2)):
             fn = lambda: selective_scan_triton(u, delta, A, B, C, D, z, bias, True, True, chunk=chunk, block_d=block_d,
                                                num_warps=warps)
             out[l, chunk, block_d, warps] = do_bench(fn, return_mode="median")
@@ -222,7 +223,7 @@ def bench_generate(args):
         print("(f) kernels by device time, us a run (calls a run):")
         embeds = lm.backbone.embedding(torch.randint(2, 50000, (1, 761), device="cuda"))
         for title, fn, runs in (("decode step, batch 1, graph", decoder.graph.replay, 20),
-                                ("image encoder, graph", lambda: model.image_tokens(pixel_values, cuda_graph=True), 5),
+                                ("whole prefill, graph", lambda: model.prefill(pixel_values, prompt, cache), 5),
                                 ("fused LM prefill, 761 tokens", lambda: lm.hidden_states(embeds, decoder.cache), 3)):
             rows = kernel_profile(fn, runs)
             print(f"    {title}: " + "; ".join(f"{name} {us:.0f} ({count})" for name, us, count in rows))
