@@ -162,7 +162,8 @@ class MambaMixer(nn.Module):
         (tests/test_training.py).
         With a cache (the prefill on GPUs), `real` says which steps are real, the rest padding at the
         end of each sequence (`MambaLM.hidden_states_fused` makes it): (padding (l,) bool, last
-        (l, d_conv), one-hot columns that pick the last d_conv real steps). The padding steps get
+        (d_conv,) the last d_conv real steps, exists (d_conv,) 1 or 0 in the weights' dtype: 0 for
+        the steps before the start, where the conv state is zero). The padding steps get
         delta = softplus(-inf) = 0: a decay of exp(0) = 1 and no input, so the scan carries the state
         after the last real step through them unchanged, and the cache gets that state. Tensors, not a
         length: one CUDA graph then replays prefills of any length (generate.py).
@@ -178,7 +179,7 @@ class MambaMixer(nn.Module):
         dt, B, C = WeightProduct.apply(self.x_proj.weight, x.view(di, b * l), True).split([r, n, n])  # (r|n|n, b*l)
         delta = WeightProduct.apply(self.dt_proj.weight, dt, True)  # (di, b*l); its bias goes into the scan
         if cache is not None:
-            padding, last = real
+            padding, last, exists = real
             delta.view(di, b, l).masked_fill_(padding, float("-inf"))
         seq = lambda t: t.view(-1, b, l).transpose(0, 1)  # (c, b*l) -> (b, c, l), a view
         y = selective_scan(seq(x), seq(delta), -torch.exp(self.A_log.float()), seq(B), seq(C),
@@ -187,8 +188,8 @@ class MambaMixer(nn.Module):
         if cache is not None:
             y, last_state = y
             cache.ssm_state[self.layer_idx].copy_(last_state)
-            inputs = xz[:di].view(di, b, l)  # the conv's inputs
-            cache.conv_state[self.layer_idx].copy_((inputs @ last.to(inputs.dtype)).transpose(0, 1))  # (b, di, d_conv)
+            window = xz[:di].view(di, b, l).index_select(2, last) * exists  # (di, b, d_conv): the conv's last inputs
+            cache.conv_state[self.layer_idx].copy_(window.transpose(0, 1))
         y = y.transpose(0, 1).reshape(di, b * l)  # (di, b*l): a view where the scan kept u's layout
         return WeightProduct.apply(self.out_proj.weight, y.t(), False).view(b, l, d)  # (b, l, d)
 
@@ -317,9 +318,9 @@ class MambaLM(nn.Module):
         real = None
         if cache is not None:  # which steps are real, once for every layer (MambaMixer.forward_channels_first)
             steps = torch.tensor(l, device=x.device) if steps is None else steps
-            t, k = torch.arange(lp, device=x.device), self.cfg.d_conv
-            last = t[:, None] == steps - k + torch.arange(k, device=x.device)  # (lp, k): before the start, none
-            real = (t >= steps, last.to(self.backbone.embedding.weight.dtype))
+            last = steps - self.cfg.d_conv + torch.arange(self.cfg.d_conv, device=x.device)  # (d_conv,)
+            real = (torch.arange(lp, device=x.device) >= steps, last.clamp(min=0),
+                    (last >= 0).to(self.backbone.embedding.weight.dtype))
         for block in self.backbone.layers:
             if self.gradient_checkpointing and self.training and cache is None:
                 out, residual = torch.utils.checkpoint.checkpoint(block.forward_fused, out, residual,

@@ -51,23 +51,23 @@ def scan_args(leaves, g):
                 z=leaves.get("z"), delta_bias=leaves.get("delta_bias"))
 
 
-CASES = [  # (b, di, l, n, g, has_z, has_bias, chunk)
-    (2, 4, 1, 4, 1, True, True, 16),  # a single step
-    (2, 6, 37, 8, 2, False, True, 16),  # odd l, groups of 3 channels
-    (1, 8, 100, 16, 4, True, False, 16),  # 7 chunks, 4 groups
-    (2, 8, 45, 5, 1, True, True, 8),  # n not a power of two
-    (1, 16, 130, 16, 2, True, True, None),  # the default kernel configuration, 2 directions
+CASES = [  # (b, di, l, n, g, has_z, has_bias, chunk, segments)
+    (2, 4, 1, 4, 1, True, True, 16, 1),  # a single step
+    (2, 6, 37, 8, 2, False, True, 16, 1),  # odd l, groups of 3 channels
+    (1, 8, 100, 16, 4, True, False, 16, 3),  # 7 chunks, 4 groups; segments of 3, 3 and 1 chunks
+    (2, 8, 45, 5, 1, True, True, 8, 4),  # n not a power of two; 3 segments of 2 chunks
+    (1, 16, 130, 16, 2, True, True, None, None),  # the default kernel configuration, 2 directions
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES)
 def test_scan_matches_reference(case, dtype):
-    b, di, l, n, g, has_z, has_bias, chunk = case
+    b, di, l, n, g, has_z, has_bias, chunk, segments = case
     rtol, atol = TOL[dtype]
     leaves = make_inputs(b, di, l, n, g, dtype, has_z, has_bias, seed=hash(case) % 1000)
     twin = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
-    config = dict(chunk=chunk, block_d=4, bwd_chunk=2 * chunk, bwd_block_d=2) if chunk else {}
+    config = dict(chunk=chunk, block_d=4, segments=segments, bwd_chunk=2 * chunk, bwd_block_d=2) if chunk else {}
     out, last = selective_scan_triton(**scan_args(leaves, g), delta_softplus=has_bias, return_last_state=True,
                                       **config)
     out_ref, last_ref = selective_scan_ref(**scan_args(twin, g), delta_softplus=has_bias, return_last_state=True)

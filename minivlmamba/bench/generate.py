@@ -100,18 +100,19 @@ def first_token_parts(model, pixel_values, prompt):
 
 
 def scan_sweep(di=5120, n=16):
-    """Batch-1 prefill scan (bf16, z, softplus) under a few launch shapes: (l, chunk, block_d, warps) -> ms."""
+    """Batch-1 prefill scan (bf16, z, softplus) under a few launch shapes: (l, chunk, block_d, segments) -> ms;
+    segments None: the default's choice."""
     out = {}
     for l in (768, 16384):
         u, delta, z = (torch.randn(1, di, l, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         B, C = (torch.randn(1, n, l, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         A = -torch.rand(di, n, device="cuda") - 0.5
         D, bias = torch.rand(di, device="cuda"), torch.rand(di, device="cuda") - 4
-        for chunk, block_d, warps in ((8, 16, 1), (8, 4, 1), (16, 4, 1), (32, 4, 1), (64, 4, 1), (16, 2, 1),
-                                       (32, 2, 1), (16, 8, 2)):
+        for chunk, block_d, segments in ((8, 4, 1), (16, 4, 1), (8, 16, 1), (8, 16, 2), (8, 16, 4), (8, 16, 8),
+                                         (8, 16, 16), (8, 16, 32), (16, 16, 4), (16, 16, 8), (8, 8, 8), (8, 16, None)):
             fn = lambda: selective_scan_triton(u, delta, A, B, C, D, z, bias, True, True, chunk=chunk, block_d=block_d,
-                                               num_warps=warps)
-            out[l, chunk, block_d, warps] = do_bench(fn, return_mode="median")
+                                               segments=segments)
+            out[l, chunk, block_d, segments] = do_bench(fn, return_mode="median")
     return out
 
 
@@ -218,7 +219,7 @@ def bench_generate(args):
     print(f"(d) roofline: {weight_bytes / 1e9:.2f} GB / {bw / 1e12:.2f} TB/s = {roofline:.0f} tok/s; fused CUDA-graph "
           f"step at batch 1: {fused:.0f} tok/s = {fused / roofline:.0%} of it")
     if args.sweep:
-        print("(e) batch-1 prefill scan, di 5120, n 16, bf16 (l, chunk, block_d, warps: ms):")
+        print("(e) batch-1 prefill scan, di 5120, n 16, bf16 (l, chunk, block_d, segments: ms):")
         print("    " + "  ".join(f"{k}: {ms:.3f}" for k, ms in scan_sweep().items()))
         print("(f) kernels by device time, us a run (calls a run):")
         embeds = lm.backbone.embedding(torch.randint(2, 50000, (1, 761), device="cuda"))
