@@ -230,12 +230,12 @@ def main():
         def micro_batches(step):
             for i in range(r.grad_accum):
                 rng = random.Random(f"{r.seed}-{step}-{i}-{rank}")
-                pixels, encoded = [], []
+                images, encoded = [], []
                 for _ in range(micro):
                     image, turns = training_sample(rng, max_text, turn_length)
-                    pixels.append(raw_model.vision.preprocess([image])[0])
+                    images.append(image)
                     encoded.append(encode_sample(tokenizer, template, turns, max_text, encode))
-                yield collate(pixels, encoded), []
+                yield collate(raw_model.vision.preprocess(images), encoded), []
     else:
         dataset = LlavaDataset(r.data, r.image_folder, tokenizer, template, cfg.vision, max_text)
         if dataset.problems:
