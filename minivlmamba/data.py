@@ -82,14 +82,15 @@ def encode_sample(tokenizer, template, turns, max_text_len, encode=encode_turn):
 def collate(pixel_values, encoded):
     """Right-pad a batch: a Mamba LM is causal, so padding after a sequence never changes it.
 
-    pixel_values: list of (3, H, W); encoded: list of (ids, labels) -> (b, 3, H, W), (b, l), (b, l).
+    pixel_values: list of (3, H, W), or (b, 3, H, W) already; encoded: list of (ids, labels)
+    -> (b, 3, H, W), (b, l), (b, l).
     """
     l = max(len(ids) for ids, _ in encoded)
     input_ids = torch.full((len(encoded), l), PAD_ID)
     labels = torch.full((len(encoded), l), IGNORE)
     for i, (ids, lab) in enumerate(encoded):
         input_ids[i, :len(ids)], labels[i, :len(lab)] = ids, lab
-    return torch.stack(pixel_values), input_ids, labels
+    return pixel_values if torch.is_tensor(pixel_values) else torch.stack(pixel_values), input_ids, labels
 
 
 class BadSample(Exception):

@@ -131,7 +131,9 @@ class MambaMixer(nn.Module):
         if cache is None and hidden.is_cuda:
             return self.forward_channels_first(hidden)
         l = hidden.shape[1]
-        x, z = rearrange(self.in_proj(hidden), "b l (xz di) -> xz b di l", xz=2)  # (b, di, l) each
+        # Split along the channels, then transpose: the backward then joins the two gradients with a
+        # plain concatenation, where unbinding a (2, b, di, l) view costs two transposing copies.
+        x, z = (rearrange(t, "b l di -> b di l") for t in self.in_proj(hidden).chunk(2, dim=-1))  # (b, di, l) each
         if cache is not None:  # keep the last d_conv inputs, left-padded with zeros if l < d_conv
             cache.conv_state[self.layer_idx].copy_(F.pad(x, (self.cfg.d_conv - l, 0)))
         x = causal_conv1d_silu(x, self.conv1d, self.cfg.scan_backend)  # (b, di, l)
