@@ -175,20 +175,24 @@ def _block_d(group, block_d):
 
 
 def _segments(programs, n_chunks, segments, device):
-    """How many segments of the sequence to scan at once (segments None: 1, doubled while the grid
-    gives each multiprocessor fewer than 16 programs and each segment keeps 8 chunks or more).
+    """How many segments of the sequence to scan at once (segments None: 1 unless the grid gives each
+    multiprocessor fewer than 8 programs and the sequence has 32 chunks or more; then 4, doubled
+    while under 16 programs a multiprocessor and each segment keeps 8 chunks or more).
 
     A batch-1 prefill has few channels to spread: at di = 5120, 16 channels a program make 320
     programs of one warp for an H100's 132 multiprocessors, each walking the whole sequence one
     chunk after the other. Cut into S segments, the walk is S times shorter, for a first pass over
     all but the last segment that sums each one up (its end state from zero, and its decay). H100,
-    l = 768 / 16K: 0.123 / 2.45 ms in one piece, 0.091 / 1.63 ms in 8 (notes/generation.md).
+    batch 1, l = 768 / 16K: 0.123 / 2.45 ms in one piece, 0.091 / 1.63 ms in 8; 2 segments were
+    slower than one, and so was any split of a grid that already filled the GPU (notes/generation.md).
     """
     if segments is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         segments = 1
-        while programs * segments < 16 * sms and n_chunks >= 16 * segments:
-            segments *= 2
+        if programs < 8 * sms and n_chunks >= 32:
+            segments = 4
+            while programs * segments < 16 * sms and n_chunks >= 16 * segments:
+                segments *= 2
     return min(segments, n_chunks)
 
 
