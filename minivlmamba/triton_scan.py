@@ -107,7 +107,6 @@ def _scan_fwd_kernel(
     n_chunks = tl.cdiv(L, CHUNK)
     n_seg = tl.cdiv(n_chunks, SEG)
     h0_ptrs = h0_ptr + (pid_b * tl.cdiv(n_chunks, SAVE) * DI + d[None, :]) * N + n[:, None]  # (NP, BLOCK_D)
-    summary = (pid_b * n_seg + pid_s) * DI + d  # (BLOCK_D,): our segment's rows of the summaries
 
     h = tl.zeros((NP, BLOCK_D), tl.float32)  # state entering the chunk
     # Loops to a runtime bound are while loops in our kernels: under NumPy >= 2.4, triton 3.6's
@@ -115,7 +114,7 @@ def _scan_fwd_kernel(
     if not SUMMARY:
         j = 0
         while j < pid_s:  # the segments before ours, in order: h <- their decay * h + their end state
-            rows = (pid_b * n_seg + j) * DI + d  # (BLOCK_D,)
+            rows = (pid_b * (n_seg - 1) + j) * DI + d  # (BLOCK_D,): its rows of the summaries
             total = tl.load(sums_ptr + rows, mask=md, other=0.0)  # (BLOCK_D,)
             h = tl.exp2(A2 * total[None, :]) * h + tl.load(ends_ptr + rows[None, :] * N + n[:, None], mask=mnd)
             j += 1
@@ -151,7 +150,8 @@ def _scan_fwd_kernel(
                 y *= z * tl.sigmoid(z)
             tl.store(out_ptr + pid_b * s_yb + d[None, :] * s_yd + t[:, None], y, mask=m)
         c += 1
-    if SUMMARY:
+    if SUMMARY:  # no summary for the last segment: nothing comes after it
+        summary = (pid_b * (n_seg - 1) + pid_s) * DI + d  # (BLOCK_D,): our segment's rows of the summaries
         tl.store(ends_ptr + summary[None, :] * N + n[:, None], h, mask=mnd)
         tl.store(sums_ptr + summary, total, mask=md)
     else:
@@ -210,8 +210,8 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, block_
     out = torch.empty_like(u)  # in u's layout: channels first in training, so no copy follows
     h0 = torch.empty(b, triton.cdiv(l, save), di, n, device=u.device, dtype=torch.float32)
     last = torch.empty(b, di, n, device=u.device, dtype=torch.float32)
-    ends = torch.empty(b, n_seg, di, n, device=u.device, dtype=torch.float32)  # the segments' summaries
-    sums = torch.empty(b, n_seg, di, device=u.device, dtype=torch.float32)
+    ends = torch.empty(b, n_seg - 1, di, n, device=u.device, dtype=torch.float32)  # the summaries (none
+    sums = torch.empty(b, n_seg - 1, di, device=u.device, dtype=torch.float32)  # unless segmented)
     launch = lambda segments, summary: _scan_fwd_kernel[(triton.cdiv(di, block_d), b, segments)](
         u, delta, A, B, C, D, z, delta_bias, out, h0, last, ends, sums,
         di, l, n, di // g, seg,
@@ -222,7 +222,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, block_
         num_warps=num_warps,
     )
     if n_seg > 1:
-        launch(n_seg - 1, True)  # the last segment's summary is never needed
+        launch(n_seg - 1, True)
     launch(n_seg, False)
     return out, last, h0
 
