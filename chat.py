@@ -2,6 +2,7 @@
 
     python chat.py --demo                                  # a fresh shapes scene, interactive
     python chat.py --image photo.png -p "What is this?"    # one question, print the answer, exit
+    python chat.py --demo -p "Describe the image." -p "What colour is the circle?"   # one conversation
     python chat.py --questions q.jsonl --answers a.jsonl --image-folder images/   # benchmark answers
     python chat.py --web                                   # a local web page (pip install -e ".[web]")
 
@@ -35,7 +36,8 @@ parser.add_argument("--ckpt", default="out/tiny", help="checkpoint folder writte
 parser.add_argument("--image", help="image file to talk about")
 parser.add_argument("--demo", action="store_true", help="generate a shapes scene (saved to --demo-file)")
 parser.add_argument("--demo-file", default="demo.png", help="where --demo saves its scene")
-parser.add_argument("-p", "--prompt", help="ask one question, print the answer and exit")
+parser.add_argument("-p", "--prompt", action="append",
+                    help="ask a question, print the answer and exit; repeated, the questions of one conversation")
 parser.add_argument("--questions", help="question file (JSONL: question_id, image, text) to answer in batch")
 parser.add_argument("--answers", help="answers file (JSONL) to write; an interrupted one is resumed")
 parser.add_argument("--image-folder", default=".", help="folder the question file's images are relative to")
@@ -121,8 +123,8 @@ def main():
             raise UserError('--web needs Gradio, an optional extra: pip install -e ".[web]"')
         from minivlmamba.web import serve  # here: only this mode imports Gradio
         return serve(*load_model(args.ckpt, args.device), args)
-    if args.prompt is not None:
-        check_text(args.prompt, "-p")
+    for prompt in args.prompt or ():
+        check_text(prompt, "-p")
     check_outputs()
     model, tokenizer = load_model(args.ckpt, args.device)
     if args.questions:
@@ -132,10 +134,12 @@ def main():
     if not args.image and not args.demo:
         raise UserError("give an image: --image PATH, or --demo for a generated scene")
     image = load_image(args.image) if args.image else demo_image()
-    if args.prompt is not None:
-        for piece in Conversation(model, tokenizer, image).ask(args.prompt, args):
-            print(piece, end="", flush=True)
-        print()
+    if args.prompt:
+        chat = Conversation(model, tokenizer, image)
+        for prompt in args.prompt:  # one answer a line
+            for piece in chat.ask(prompt, args):
+                print(piece, end="", flush=True)
+            print()
     else:
         interactive(model, tokenizer, image)
 

@@ -91,6 +91,14 @@ def test_chat_demo_draws_the_same_scene_again_with_its_seed(checkpoint, tmp_path
     assert " at the " in said and first.read_bytes() == again.read_bytes()
 
 
+def test_chat_repeated_prompts_are_one_conversation(checkpoint, tmp_path):
+    questions = ("Describe the image.", "What colour is the circle?", "How many shapes are there?")
+    demo = ("chat.py", "--ckpt", checkpoint, "--demo", "--demo-file", tmp_path / "d.png", "--seed", "5")
+    said = run(*demo, *(arg for q in questions for arg in ("-p", q))).stdout
+    typed = run(*demo, input="".join(q + "\n" for q in questions) + "quit\n").stdout
+    assert said.count("\n") == 3 and typed.split("> ")[1:-1] == said.splitlines(keepends=True)
+
+
 def test_chat_interactive_commands(checkpoint, tmp_path):
     image = tmp_path / "scene.png"
     Image.new("RGB", (96, 96), "white").save(image)
