@@ -48,19 +48,16 @@ from minivlmamba.mamba import InferenceCache, MambaLM
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, conv_out_ptr,
-                 N, K, KS, eps, DI, s_cd, s_ck,
-                 NORM: tl.constexpr, ADD: tl.constexpr, CONV: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
+                 N, K, eps, DI, s_cd, s_ck,
+                 NORM: tl.constexpr, ADD: tl.constexpr, CONV: tl.constexpr, PDL: tl.constexpr,
                  BLOCK_N: tl.constexpr, KP: tl.constexpr, KC: tl.constexpr):
     """Batch 1: out = W x for BLOCK_N rows of W (N, K). NORM: x is the fp32 residual stream, first
     RMS-normalised (and rounded to W's dtype, as RMSNorm returns it). ADD: out (fp32) += the product.
     CONV (in_proj): rows below DI are the conv's input x; each enters its channel's window in
-    conv_state (di, KC) and conv_out gets silu(window . conv_w + conv_b), as `_conv_step_kernel`.
-    SPLIT > 1: program (i, s) sums only columns s * KS to (s + 1) * KS and stores that partial sum in
-    row s of out (SPLIT, N) fp32, for its reader to add up."""
+    conv_state (di, KC) and conv_out gets silu(window . conv_w + conv_b), as `_conv_step_kernel`."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    slice_k = tl.program_id(1)
-    k = slice_k * KS + tl.arange(0, KP)  # (KP,): the whole row (slice) at once, every load in flight together
-    mn, mk = n < N, (tl.arange(0, KP) < KS) & (k < K)
+    k = tl.arange(0, KP)  # (KP,): the whole row at once, every load in flight together
+    mn, mk = n < N, k < K
     w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=mn[:, None] & mk[None, :], other=0.0)  # (BLOCK_N, KP)
     if PDL:  # the weights are loading; only now wait for the kernel before us (x is its output), and
         tl.extra.cuda.gdc_wait()  # let the next one start loading its own weights during our tail
@@ -69,12 +66,10 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, conv_state_ptr, conv_w_ptr, co
     if NORM:
         x *= tl.rsqrt(tl.sum(x * x, axis=0) / K + eps) * tl.load(norm_ptr + k, mask=mk, other=0.0).to(tl.float32)
         x = x.to(w_ptr.dtype.element_ty).to(tl.float32)
-    y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)  # (BLOCK_N,)
-    if SPLIT == 1:  # the whole product, in W's dtype as F.linear gives it (a partial sum stays fp32)
-        y = y.to(w_ptr.dtype.element_ty)
+    y = tl.sum(w.to(tl.float32) * x[None, :], axis=1).to(w_ptr.dtype.element_ty)  # (BLOCK_N,)
     if ADD:
         y = tl.load(out_ptr + n, mask=mn, other=0.0) + y.to(tl.float32)
-    tl.store(out_ptr + slice_k * N + n, y, mask=mn)
+    tl.store(out_ptr + n, y, mask=mn)
     if CONV:
         mx = mn & (n < DI)
         window = conv_state_ptr + n * s_cd
@@ -129,12 +124,10 @@ def _conv_step_kernel(xz_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, DI, s_xb, s_s
 
 @triton.jit
 def _ssm_step_kernel(state_ptr, x_ptr, xz_ptr, dbc_ptr, dtw_ptr, dtb_ptr, A_log_ptr, D_ptr, out_ptr,
-                     DI, R, N, s_hb, s_hd, s_hn, s_xzb, s_dbcs, s_dbcb,
-                     SPLIT: tl.constexpr, PDL: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr,
-                     NP: tl.constexpr):
+                     DI, R, N, s_hb, s_hd, s_hn, s_xzb, s_dbcb,
+                     PDL: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr):
     """BLOCK_D channels of one row: delta = softplus(W_dt dt + bias), h = exp(delta A) h + delta B x,
-    out = (C . h + D x) * silu(z), where (dt, B, C) is the sum of x_proj's SPLIT partial sums, rounded to
-    the weights' dtype. RP, NP: r and n rounded up to powers of two."""
+    out = (C . h + D x) * silu(z). RP, NP: r and n rounded up to powers of two."""
     d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     pid_b = tl.program_id(1).to(tl.int64)
     r, n = tl.arange(0, RP), tl.arange(0, NP)
@@ -147,16 +140,12 @@ def _ssm_step_kernel(state_ptr, x_ptr, xz_ptr, dbc_ptr, dtw_ptr, dtb_ptr, A_log_
     if PDL:  # the weights first, then wait for x_proj (and the kernels before it)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    dt, Bv, Cv = tl.zeros((RP,), tl.float32), tl.zeros((NP,), tl.float32), tl.zeros((NP,), tl.float32)
-    for s in tl.static_range(SPLIT):
-        dbc = dbc_ptr + s * s_dbcs + pid_b * s_dbcb  # this row of x_proj's output: dt (r), B (n), C (n)
-        dt += tl.load(dbc + r, mask=mr, other=0.0).to(tl.float32)  # (RP,)
-        Bv += tl.load(dbc + R + n, mask=mn, other=0.0).to(tl.float32)  # (NP,)
-        Cv += tl.load(dbc + R + N + n, mask=mn, other=0.0).to(tl.float32)
-    rounded = dtw_ptr.dtype.element_ty  # as the readable step's x_proj returns them
-    dt, Bv, Cv = dt.to(rounded).to(tl.float32), Bv.to(rounded).to(tl.float32), Cv.to(rounded).to(tl.float32)
+    dbc = dbc_ptr + pid_b * s_dbcb  # this row of x_proj's output: dt (r), B (n), C (n)
+    dt = tl.load(dbc + r, mask=mr, other=0.0).to(tl.float32)  # (RP,)
     delta = tl.sum(w_dt.to(tl.float32) * dt[None, :], axis=1) + dt_bias  # (BLOCK_D,): dt_proj, fused
     delta = tl.where(delta <= 20.0, tl.log(1.0 + tl.exp(delta)), delta)  # softplus, as F.softplus
+    Bv = tl.load(dbc + R + n, mask=mn, other=0.0).to(tl.float32)  # (NP,)
+    Cv = tl.load(dbc + R + N + n, mask=mn, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + pid_b * DI + d, mask=md, other=0.0).to(tl.float32)  # (BLOCK_D,)
     z = tl.load(xz_ptr + pid_b * s_xzb + DI + d, mask=md, other=0.0).to(tl.float32)
     h_ptrs = state_ptr + pid_b * s_hb + d[:, None] * s_hd + n[None, :] * s_hn
@@ -183,16 +172,7 @@ def _pdl(t):
     return dict(PDL=on, launch_pdl=on)
 
 
-X_PROJ_SPLIT = 8  # x_proj (r + 2n rows, too few to fill the card) as 8 slices of its columns: measured
-
-
-def _gemv_block(kp):
-    """(rows a program, warps) of the batch-1 product for rows (or slices) of kp columns, kp a power
-    of two: the measured best (notes/generation.md)."""
-    return (4, 4) if kp <= 4096 else (2, 8)
-
-
-def linear(x, weight, norm=None, residual=None, conv=None, split=None):
+def linear(x, weight, norm=None, residual=None, conv=None):
     """The step's matrix products: x (b, k) -> x @ weight.T (b, n) in weight's dtype.
 
     norm: an RMSNorm to apply to x (then the fp32 residual stream) first. residual (b, n) fp32: add
@@ -202,9 +182,6 @@ def linear(x, weight, norm=None, residual=None, conv=None, split=None):
     to cuBLAS, which then reads each weight once for all rows.
     conv (in_proj): (conv_state (b, di, d_conv), conv1d); then -> (xz (b, 2di), silu(conv(x)) (b, di)),
     the conv step fused into the product at batch 1 (`conv_step` at batches).
-    split (x_proj): -> (split, b, n) fp32 partial sums over `split` slices of the columns at batch 1
-    (a weight of few rows then still gives every multiprocessor programs), for `ssm_step` to add up;
-    at batches (1, b, n), the whole product.
     """
     b, k = x.shape
     if b > 1:
@@ -214,30 +191,21 @@ def linear(x, weight, norm=None, residual=None, conv=None, split=None):
                                   **_pdl(x))
             x = h
         out = F.linear(x, weight) if residual is None else residual.add_(F.linear(x, weight))
-        if split is not None:
-            return out[None]
         return out if conv is None else (out, conv_step(out, *conv))
-    parts = split or 1
-    n, ks = weight.shape[0], triton.cdiv(k, parts)
-    kp = triton.next_power_of_2(ks)
-    block_n, warps = _gemv_block(kp)
-    if residual is not None:
-        out = residual
-    elif split is None:
-        out = torch.empty(1, n, device=x.device, dtype=weight.dtype)
-    else:
-        out = torch.empty(parts, 1, n, device=x.device, dtype=torch.float32 if parts > 1 else weight.dtype)
+    n, kp = weight.shape[0], triton.next_power_of_2(k)
+    block_n, warps = (4, 4) if kp <= 4096 else (2, 8)  # measured best (notes/generation.md)
+    out = torch.empty(1, n, device=x.device, dtype=weight.dtype) if residual is None else residual
     conv_state, conv_w, conv_b, conv_out, di, kc = out, out, out, out, 0, 1  # placeholders: not read without conv
     if conv is not None:
         conv_state, conv1d = conv
         di, kc = conv_state.shape[1:]
         conv_w, conv_b = conv1d.weight, conv1d.bias
         conv_out = torch.empty(1, di, device=x.device, dtype=weight.dtype)
-    _gemv_kernel[(triton.cdiv(n, block_n), parts)](
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, out, x if norm is None else norm.weight, conv_state, conv_w, conv_b, conv_out,
-        n, k, ks, 0.0 if norm is None else norm.eps, di, *(conv_state.stride()[1:] if conv is not None else (0, 0)),
-        NORM=norm is not None, ADD=residual is not None, CONV=conv is not None, SPLIT=parts, BLOCK_N=block_n, KP=kp,
-        KC=kc, num_warps=warps, **_pdl(x))
+        n, k, 0.0 if norm is None else norm.eps, di, *(conv_state.stride()[1:] if conv is not None else (0, 0)),
+        NORM=norm is not None, ADD=residual is not None, CONV=conv is not None, BLOCK_N=block_n, KP=kp, KC=kc,
+        num_warps=warps, **_pdl(x))
     return out if conv is None else (out, conv_out)
 
 
@@ -255,8 +223,8 @@ def conv_step(xz, conv_state, conv1d):
 def ssm_step(ssm_state, x, xz, dt_B_C, mixer):
     """One step of the selective SSM with dt_proj fused in; ssm_state (b, di, n) fp32 updated in place.
 
-    x (b, di) the conv output, xz (b, 2di) in_proj's output (z is its second half), dt_B_C (s, b, r + 2n)
-    x_proj's output as `linear(..., split=s)` gives it, s partial sums -> y (b, di) in x's dtype.
+    x (b, di) the conv output, xz (b, 2di) in_proj's output (z is its second half), dt_B_C (b, r + 2n)
+    x_proj's output -> y (b, di) in x's dtype.
     """
     b, di, n = ssm_state.shape
     r = mixer.dt_proj.weight.shape[1]
@@ -264,8 +232,8 @@ def ssm_step(ssm_state, x, xz, dt_B_C, mixer):
     block_d = 16
     _ssm_step_kernel[(triton.cdiv(di, block_d), b)](
         ssm_state, x, xz, dt_B_C, mixer.dt_proj.weight, mixer.dt_proj.bias, mixer.A_log, mixer.D, out,
-        di, r, n, *ssm_state.stride(), xz.stride(0), *dt_B_C.stride()[:2],
-        SPLIT=dt_B_C.shape[0], BLOCK_D=block_d, RP=triton.next_power_of_2(r), NP=triton.next_power_of_2(n), num_warps=4, **_pdl(x))
+        di, r, n, *ssm_state.stride(), xz.stride(0), dt_B_C.stride(0),
+        BLOCK_D=block_d, RP=triton.next_power_of_2(r), NP=triton.next_power_of_2(n), num_warps=4, **_pdl(x))
     return out
 
 
@@ -275,7 +243,7 @@ def fused_step(lm: MambaLM, input_ids, cache: InferenceCache):
     for i, block in enumerate(lm.backbone.layers):
         mixer = block.mixer
         xz, x = linear(residual, mixer.in_proj.weight, norm=block.norm, conv=(cache.conv_state[i], mixer.conv1d))
-        dt_B_C = linear(x, mixer.x_proj.weight, split=X_PROJ_SPLIT)  # (s, b, r + 2n)
+        dt_B_C = linear(x, mixer.x_proj.weight)  # (b, r + 2n)
         y = ssm_step(cache.ssm_state[i], x, xz, dt_B_C, mixer)  # (b, di)
         linear(y, mixer.out_proj.weight, residual=residual)  # residual += out_proj(y), in place
     return linear(residual, lm.lm_head.weight, norm=lm.backbone.norm_f)  # (b, v)
