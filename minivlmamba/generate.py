@@ -193,7 +193,7 @@ def linear(x, weight, norm=None, residual=None, conv=None):
         out = F.linear(x, weight) if residual is None else residual.add_(F.linear(x, weight))
         return out if conv is None else (out, conv_step(out, *conv))
     n, kp = weight.shape[0], triton.next_power_of_2(k)
-    block_n, warps = (4, 4) if kp <= 4096 else (2, 8)  # measured best (notes/generation.md)
+    block_n, warps = (4, 4) if kp <= 4096 else (2, 4)  # measured best in the step (notes/generation.md)
     out = torch.empty(1, n, device=x.device, dtype=weight.dtype) if residual is None else residual
     conv_state, conv_w, conv_b, conv_out, di, kc = out, out, out, out, 0, 1  # placeholders: not read without conv
     if conv is not None:
