@@ -163,12 +163,13 @@ class MambaMixer(nn.Module):
         weight gradients that cuBLAS adds into `.grad` itself. Same parameters, same result
         (tests/test_training.py).
         With a cache (the prefill on GPUs), `real` says which steps are real, the rest padding at the
-        end of each sequence (`MambaLM.hidden_states_fused` makes it): (padding (l,) bool, last
-        (d_conv,) the last d_conv real steps, exists (d_conv,) 1 or 0 in the weights' dtype: 0 for
-        the steps before the start, where the conv state is zero). The padding steps get
-        delta = softplus(-inf) = 0: a decay of exp(0) = 1 and no input, so the scan carries the state
-        after the last real step through them unchanged, and the cache gets that state. Tensors, not a
-        length: one CUDA graph then replays prefills of any length (generate.py).
+        end of each sequence (`MambaLM.hidden_states_fused` makes it): (steps, a 0-d tensor: the
+        number of real steps; last (d_conv,) the last d_conv real steps; exists (d_conv,) 1 or 0 in the
+        weights' dtype: 0 for the steps before the start, where the conv state is zero). The scan
+        gives the padding steps delta = 0 (`selective_scan`'s steps): a decay of exp(0) = 1 and no
+        input, so it carries the state after the last real step through them unchanged, and the cache
+        gets that state. Tensors, not a length: one CUDA graph then replays prefills of any length
+        (generate.py).
         """
         from minivlmamba.triton_conv import causal_conv1d_silu  # here: Triton loads only when used
         b, l, d = hidden.shape
@@ -180,18 +181,17 @@ class MambaMixer(nn.Module):
         x, z = causal_conv1d_silu(xz.view(2, di, b, l), self.conv1d.weight[:, 0], self.conv1d.bias)  # (di, b, l) each
         dt, B, C = WeightProduct.apply(self.x_proj.weight, x.view(di, b * l), True).split([r, n, n])  # (r|n|n, b*l)
         delta = WeightProduct.apply(self.dt_proj.weight, dt, True)  # (di, b*l); its bias goes into the scan
-        if cache is not None:
-            padding, last, exists = real
-            delta.view(di, b, l).masked_fill_(padding, float("-inf"))
+        steps, last, exists = real if cache is not None else (None, None, None)
         seq = lambda t: t.view(-1, b, l).transpose(0, 1)  # (c, b*l) -> (b, c, l), a view
         y = selective_scan(seq(x), seq(delta), -torch.exp(self.A_log.float()), seq(B), seq(C),
                            self.D.float(), z=seq(z), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-                           return_last_state=cache is not None, backend=self.cfg.scan_backend)  # (b, di, l)
+                           return_last_state=cache is not None, steps=steps,
+                           backend=self.cfg.scan_backend)  # (b, di, l)
         if cache is not None:
             y, last_state = y
             cache.ssm_state[self.layer_idx].copy_(last_state)
-            window = xz[:di].view(di, b, l).index_select(2, last) * exists  # (di, b, d_conv): the conv's last inputs
-            cache.conv_state[self.layer_idx].copy_(window.transpose(0, 1))
+            window = xz[:di].view(di, b, l).index_select(2, last)  # (di, b, d_conv): the conv's last inputs
+            torch.mul(window, exists, out=cache.conv_state[self.layer_idx].transpose(0, 1))
         y = y.transpose(0, 1).reshape(di, b * l)  # (di, b*l): a view where the scan kept u's layout
         return WeightProduct.apply(self.out_proj.weight, y.t(), False).view(b, l, d)  # (b, l, d)
 
@@ -321,8 +321,7 @@ class MambaLM(nn.Module):
         if cache is not None:  # which steps are real, once for every layer (MambaMixer.forward_channels_first)
             steps = torch.tensor(l, device=x.device) if steps is None else steps
             last = steps - self.cfg.d_conv + torch.arange(self.cfg.d_conv, device=x.device)  # (d_conv,)
-            real = (torch.arange(lp, device=x.device) >= steps, last.clamp(min=0),
-                    (last >= 0).to(self.backbone.embedding.weight.dtype))
+            real = (steps, last.clamp(min=0), (last >= 0).to(self.backbone.embedding.weight.dtype))
         for block in self.backbone.layers:
             if self.gradient_checkpointing and self.training and cache is None:
                 out, residual = torch.utils.checkpoint.checkpoint(block.forward_fused, out, residual,

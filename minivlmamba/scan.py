@@ -274,17 +274,23 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, backend="auto"):
+                   return_last_state=False, steps=None, backend="auto"):
     """The selective scan with a choice of implementation (same arguments as selective_scan_ref).
 
     backend: "auto" takes the fused Triton kernels for CUDA tensors, else `selective_scan_c` where
     the C kernel compiles, else `selective_scan_torch`; "triton", "c", "torch" or "ref" force one.
+    steps (a 0-d integer tensor; no gradients): the steps from it on are padding, where delta (after
+    delta_bias and softplus) is 0: a decay of 1 and no input, so the last state is the one after step
+    steps - 1. The Triton kernels read it themselves (a prefill graph replays any length with it).
     """
     name = resolve_backend(backend, u)
     if name == "triton":
-        from minivlmamba.triton_scan import selective_scan_triton as fn  # here: Triton loads only when used
-    else:
-        fn = dict(c=selective_scan_c, torch=selective_scan_torch, ref=selective_scan_ref)[name]
+        from minivlmamba.triton_scan import selective_scan_triton  # here: Triton loads only when used
+        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, steps)
+    if steps is not None:  # delta + delta_bias = -inf before a softplus (softplus(-inf) = 0), else 0
+        fill = float("-inf") if delta_softplus else 0.0 if delta_bias is None else -delta_bias[:, None]
+        delta = torch.where(torch.arange(u.shape[-1], device=u.device) >= steps, fill, delta)
+    fn = dict(c=selective_scan_c, torch=selective_scan_torch, ref=selective_scan_ref)[name]
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 

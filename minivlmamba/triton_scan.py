@@ -81,13 +81,15 @@ def _pick(x, tc, t: tl.constexpr):
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, h0_ptr, last_ptr, ends_ptr, sums_ptr,
-    DI, L, N, GROUP, SEG,
+    steps_ptr, DI, L, N, GROUP, SEG,
     s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_yb, s_yd,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr, SAVE: tl.constexpr, SUMMARY: tl.constexpr,
+    HAS_STEPS: tl.constexpr, BLOCK_D: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr, SAVE: tl.constexpr,
+    SUMMARY: tl.constexpr,
 ):
     """BLOCK_D channels of one sequence, over one segment of SEG chunks (all of them unless the scan
-    is segmented: `_segments`). SUMMARY, the first pass of a segmented scan: walk the segment from a
+    is segmented: `_segments`). HAS_STEPS: delta is 0 from step *steps_ptr on (padding, whose state
+    then passes through unchanged). SUMMARY, the first pass of a segmented scan: walk the segment from a
     zero state; store the state it ends in and its sum of delta (the segment's decay is
     exp(A sum(delta))). Otherwise fold the summaries of the segments before ours into the state we
     start from, walk, and store the outputs."""
@@ -108,6 +110,7 @@ def _scan_fwd_kernel(
     n_seg = tl.cdiv(n_chunks, SEG)
     h0_ptrs = h0_ptr + (pid_b * tl.cdiv(n_chunks, SAVE) * DI + d[None, :]) * N + n[:, None]  # (NP, BLOCK_D)
 
+    real = tl.load(steps_ptr) if HAS_STEPS else L  # the steps before it are real, the rest padding
     h = tl.zeros((NP, BLOCK_D), tl.float32)  # state entering the chunk
     # Loops to a runtime bound are while loops in our kernels: under NumPy >= 2.4, triton 3.6's
     # interpreter cannot give range() one (a 1-element array, not a 0-d one, stands for each scalar).
@@ -129,7 +132,7 @@ def _scan_fwd_kernel(
         t = c * CHUNK + tc  # (CHUNK,)
         m = (t < L)[:, None] & md[None, :]  # (CHUNK, BLOCK_D)
         u, Bt, Ct = u_nxt.to(tl.float32), B_nxt.to(tl.float32), C_nxt.to(tl.float32)
-        dt = _delta(dt_nxt.to(tl.float32), bias, m, HAS_BIAS, SOFTPLUS)
+        dt = _delta(dt_nxt.to(tl.float32), bias, (t < real)[:, None] & md[None, :], HAS_BIAS, SOFTPLUS)
         # issue the next chunk's loads now, so that they arrive while this chunk computes
         u_nxt, dt_nxt = _load_tile(u_col, t + CHUNK, md, L), _load_tile(dt_col, t + CHUNK, md, L)
         B_nxt, C_nxt = _load_tile(B_col, t + CHUNK, mn, L), _load_tile(C_col, t + CHUNK, mn, L)
@@ -200,7 +203,7 @@ def _strides(x, dims):
     return [x.stride(i) for i in dims] if x is not None else [0] * len(dims)
 
 
-def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, block_d, segments, num_warps, save):
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, steps, chunk, block_d, segments, num_warps, save):
     b, di, l = u.shape
     g, n = B.shape[1], A.shape[1]
     block_d = _block_d(di // g, block_d)
@@ -213,12 +216,13 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, block_
     ends = torch.empty(b, n_seg - 1, di, n, device=u.device, dtype=torch.float32)  # the summaries (none
     sums = torch.empty(b, n_seg - 1, di, device=u.device, dtype=torch.float32)  # unless segmented)
     launch = lambda segments, summary: _scan_fwd_kernel[(triton.cdiv(di, block_d), b, segments)](
-        u, delta, A, B, C, D, z, delta_bias, out, h0, last, ends, sums,
+        u, delta, A, B, C, D, z, delta_bias, out, h0, last, ends, sums, steps,
         di, l, n, di // g, seg,
         *_strides(u, (0, 1)), *_strides(delta, (0, 1)), *_strides(z, (0, 1)),
         *_strides(B, (0, 1, 2)), *_strides(C, (0, 1, 2)), *_strides(out, (0, 1)),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        BLOCK_D=block_d, NP=triton.next_power_of_2(n), CHUNK=chunk, SAVE=save // chunk, SUMMARY=summary,
+        HAS_STEPS=steps is not None, BLOCK_D=block_d, NP=triton.next_power_of_2(n), CHUNK=chunk, SAVE=save // chunk,
+        SUMMARY=summary,
         num_warps=num_warps,
     )
     if n_seg > 1:
@@ -231,14 +235,14 @@ class SelectiveScanFn(torch.autograd.Function):
     """Autograd wrapper: the forward saves only the chunk-start states, the backward recomputes."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, config):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, steps, config):
         squeeze_bc = (B.dim() == 3, C.dim() == 3)
         u, delta, z = (_last_dim_contiguous(x) for x in (u, delta, z))
         B, C = _last_dim_contiguous(_grouped(B)), _last_dim_contiguous(_grouped(C))
         A = A.float().contiguous()
         D = D.float().contiguous() if D is not None else None
         delta_bias = delta_bias.float().contiguous() if delta_bias is not None else None
-        out, last, h0 = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *config["fwd"],
+        out, last, h0 = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, steps, *config["fwd"],
                                   save=config["bwd"][0])
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0)
         ctx.delta_softplus, ctx.config, ctx.squeeze_bc = delta_softplus, config, squeeze_bc
@@ -254,15 +258,16 @@ class SelectiveScanFn(torch.autograd.Function):
             *ctx.config["bwd"])
         dB = dB.squeeze(1) if ctx.squeeze_bc[0] else dB
         dC = dC.squeeze(1) if ctx.squeeze_bc[1] else dC
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False, chunk=8, block_d=None, segments=None, num_warps=1,
+                          return_last_state=False, steps=None, chunk=8, block_d=None, segments=None, num_warps=1,
                           bwd_chunk=128, bwd_block_d=2, bwd_num_warps=1, bwd_maxnreg=128):
     """The selective scan on fused Triton kernels (same arguments and results as selective_scan_ref).
 
     Args: u, delta, z (b, di, l); A (di, n) fp32; B, C (b, n, l) or (b, g, n, l); D, delta_bias (di,).
+    steps (a 0-d integer tensor; forward only): delta is 0 from that step on, as in `selective_scan`.
     chunk is the forward's steps per tile, bwd_chunk the backward's (both powers of two, chunk
     dividing bwd_chunk, bwd_chunk at most 4096; the forward saves the state every bwd_chunk steps);
     block_d the channels per program (None: 16); segments how many pieces of the sequence the forward
@@ -275,5 +280,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     assert bwd_chunk % chunk == 0, "the backward's chunks must start at saved states"
     assert bwd_chunk & (bwd_chunk - 1) == 0 and bwd_chunk <= 4096, "bwd_chunk: a power of two up to 4096"
     config = {"fwd": (chunk, block_d, segments, num_warps), "bwd": (bwd_chunk, bwd_block_d, bwd_num_warps, bwd_maxnreg)}
-    out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, config)
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    if steps is not None and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        raise ValueError("selective_scan_triton: steps is for the forward only (a prefill), not for training")
+    out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, steps, config)
     return (out, last) if return_last_state else out

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 import pytest
 
-from minivlmamba.scan import selective_scan_ref, selective_state_update_ref
+from minivlmamba.scan import selective_scan, selective_scan_ref, selective_state_update_ref
 from minivlmamba.triton_decode import selective_state_update_triton
 from minivlmamba.triton_scan import selective_scan_triton
 
@@ -103,6 +103,25 @@ def test_no_D_and_one_run_a_chunk(dtype):
         rs, as_ = scale.get(name, (1, 1))
         torch.testing.assert_close(leaf.grad.float(), twin[name].grad.float(), rtol=rtol * rs, atol=atol * as_,
                                    msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("softplus", [True, False])
+@pytest.mark.parametrize("path", ["triton", "triton, 3 segments", "ref", "torch"])
+def test_steps_leave_the_padding_inert(path, softplus):
+    """steps = k: the first k outputs and the last state are those of the first k steps alone, whatever
+    the padding after them holds (the prefill graph's padding)."""
+    args = {k: v.detach() for k, v in scan_args(make_inputs(1, 8, 45, 5, 1, torch.float32, True, True, seed=3), 1).items()}
+    k = 29
+    steps = torch.tensor(k, device=DEVICE)
+    if path == "triton, 3 segments":  # of 2 chunks each: the padding starts in the second, fills the third
+        out, last = selective_scan_triton(**args, delta_softplus=softplus, return_last_state=True, steps=steps,
+                                          chunk=8, segments=3)
+    else:
+        out, last = selective_scan(**args, delta_softplus=softplus, return_last_state=True, steps=steps, backend=path)
+    cut = {name: t[..., :k] if name in ("u", "delta", "B", "C", "z") else t for name, t in args.items()}
+    out_ref, last_ref = selective_scan_ref(**cut, delta_softplus=softplus, return_last_state=True)
+    torch.testing.assert_close(out[..., :k], out_ref, rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(last, last_ref, rtol=6e-4, atol=2e-3)
 
 
 def test_channels_first_views():
