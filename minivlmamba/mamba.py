@@ -184,7 +184,7 @@ class MambaMixer(nn.Module):
         steps, last, exists = real if cache is not None else (None, None, None)
         seq = lambda t: t.view(-1, b, l).transpose(0, 1)  # (c, b*l) -> (b, c, l), a view
         y = selective_scan(seq(x), seq(delta), -torch.exp(self.A_log.float()), seq(B), seq(C),
-                           self.D.float(), z=seq(z), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                           self.D, z=seq(z), delta_bias=self.dt_proj.bias, delta_softplus=True,
                            return_last_state=cache is not None, steps=steps,
                            backend=self.cfg.scan_backend)  # (b, di, l)
         if cache is not None:

@@ -101,7 +101,8 @@ def _scan_fwd_kernel(
     mnd = mn[:, None] & md[None, :]  # (NP, BLOCK_D)
     grp = pid_d * BLOCK_D // GROUP  # every channel of the block is in one group
     A2 = tl.load(A_ptr + d[None, :] * N + n[:, None], mask=mnd, other=0.0) * LOG2E  # (NP, BLOCK_D)
-    bias = tl.load(bias_ptr + d, mask=md)[None, :] if HAS_BIAS else None  # (1, BLOCK_D)
+    bias = tl.load(bias_ptr + d, mask=md).to(tl.float32)[None, :] if HAS_BIAS else None  # (1, BLOCK_D)
+    skip = tl.load(D_ptr + d, mask=md).to(tl.float32)[None, :] if HAS_D else None
     u_col = u_ptr + pid_b * s_ub + d[None, :] * s_ud  # (1, BLOCK_D) where each channel starts
     dt_col = dt_ptr + pid_b * s_tb + d[None, :] * s_td
     B_col = B_ptr + pid_b * s_Bb + grp * s_Bg + n[None, :] * s_Bn  # (1, NP)
@@ -147,7 +148,7 @@ def _scan_fwd_kernel(
         else:
             y = tl.sum(hc * Ct[:, :, None], axis=1)  # (CHUNK, BLOCK_D)
             if HAS_D:
-                y += tl.load(D_ptr + d, mask=md)[None, :] * u
+                y += skip * u
             if HAS_Z:
                 z = tl.load(z_ptr + pid_b * s_zb + d[None, :] * s_zd + t[:, None], mask=m, other=0.0).to(tl.float32)
                 y *= z * tl.sigmoid(z)
@@ -240,8 +241,8 @@ class SelectiveScanFn(torch.autograd.Function):
         u, delta, z = (_last_dim_contiguous(x) for x in (u, delta, z))
         B, C = _last_dim_contiguous(_grouped(B)), _last_dim_contiguous(_grouped(C))
         A = A.float().contiguous()
-        D = D.float().contiguous() if D is not None else None
-        delta_bias = delta_bias.float().contiguous() if delta_bias is not None else None
+        D = D.contiguous() if D is not None else None  # any float dtype: the kernels compute in fp32
+        delta_bias = delta_bias.contiguous() if delta_bias is not None else None
         out, last, h0 = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, steps, *config["fwd"],
                                   save=config["bwd"][0])
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0)

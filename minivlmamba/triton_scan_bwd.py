@@ -107,8 +107,8 @@ def _scan_bwd_kernel(
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,) channels
     md = d < DI
     grp = pid_d * BLOCK_D // GROUP
-    bias = tl.load(bias_ptr + d, mask=md)[:, None] if HAS_BIAS else None  # (BLOCK_D, 1)
-    Dv = tl.load(D_ptr + d, mask=md)[:, None] if HAS_D else None
+    bias = tl.load(bias_ptr + d, mask=md).to(tl.float32)[:, None] if HAS_BIAS else None  # (BLOCK_D, 1)
+    Dv = tl.load(D_ptr + d, mask=md).to(tl.float32)[:, None] if HAS_D else None
     u_row = u_ptr + pid_b * s_ub + d[:, None] * s_ud  # (BLOCK_D, 1) where each channel starts
     dt_row = dt_ptr + pid_b * s_tb + d[:, None] * s_td
     do_row = dout_ptr + pid_b * s_ob + d[:, None] * s_od

@@ -105,6 +105,24 @@ def test_no_D_and_one_run_a_chunk(dtype):
                                    msg=lambda m: f"d{name}: {m}")
 
 
+def test_bf16_D_and_delta_bias_are_read_as_their_fp32_values():
+    """The paper model keeps D and dt_proj's bias in bf16, and the kernels read them as they are
+    (no cast kernel a layer): the same output and gradients as the same values passed in fp32."""
+    leaves = make_inputs(2, 8, 45, 4, 1, torch.bfloat16, has_z=True, has_bias=True, seed=11)
+    for name in ("D", "delta_bias"):
+        leaves[name] = leaves[name].detach().bfloat16().requires_grad_()
+    wide = {k: (v.detach().float() if k in ("D", "delta_bias") else v.detach()).requires_grad_() for k, v in leaves.items()}
+    dout = torch.randn(2, 8, 45, generator=torch.Generator().manual_seed(2)).to(DEVICE, torch.bfloat16)
+    outs = []
+    for inputs in (leaves, wide):
+        out = selective_scan_triton(**scan_args(inputs, 1), delta_softplus=True, chunk=8)
+        out.backward(dout)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    for name, leaf in leaves.items():
+        assert torch.equal(leaf.grad, wide[name].grad.to(leaf.dtype)), name
+
+
 @pytest.mark.parametrize("softplus", [True, False])
 @pytest.mark.parametrize("path", ["triton", "triton, 3 segments", "ref", "torch"])
 def test_steps_leave_the_padding_inert(path, softplus):
