@@ -50,23 +50,30 @@ from minivlmamba.mamba import InferenceCache, MambaLM
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, conv_out_ptr,
                  N, K, eps, DI, s_cd, s_ck,
                  NORM: tl.constexpr, ADD: tl.constexpr, CONV: tl.constexpr, PDL: tl.constexpr,
-                 BLOCK_N: tl.constexpr, KP: tl.constexpr, KC: tl.constexpr):
+                 BLOCK_N: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, KC: tl.constexpr):
     """Batch 1: out = W x for BLOCK_N rows of W (N, K). NORM: x is the fp32 residual stream, first
     RMS-normalised (and rounded to W's dtype, as RMSNorm returns it). ADD: out (fp32) += the product.
     CONV (in_proj): rows below DI are the conv's input x; each enters its channel's window in
-    conv_state (di, KC) and conv_out gets silu(window . conv_w + conv_b), as `_conv_step_kernel`."""
+    conv_state (di, KC) and conv_out gets silu(window . conv_w + conv_b), as `_conv_step_kernel`.
+    The whole row is loaded at once, every load in flight together, as two tiles whose widths are
+    powers of two: columns [0, K1) and [K1, K1 + K2), K1 <= K (5120 = 4096 + 1024; one tile of 8192
+    would hold 3072 masked columns in registers, and fewer programs would fit a multiprocessor)."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    k = tl.arange(0, KP)  # (KP,): the whole row at once, every load in flight together
-    mn, mk = n < N, k < K
-    w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=mn[:, None] & mk[None, :], other=0.0)  # (BLOCK_N, KP)
+    k1, k2 = tl.arange(0, K1), K1 + tl.arange(0, K2)  # (K1,), (K2,)
+    mn, mk = n < N, k2 < K
+    w1 = tl.load(w_ptr + n[:, None] * K + k1[None, :], mask=mn[:, None], other=0.0)  # (BLOCK_N, K1)
+    w2 = tl.load(w_ptr + n[:, None] * K + k2[None, :], mask=mn[:, None] & mk[None, :], other=0.0)  # (BLOCK_N, K2)
     if PDL:  # the weights are loading; only now wait for the kernel before us (x is its output), and
         tl.extra.cuda.gdc_wait()  # let the next one start loading its own weights during our tail
         tl.extra.cuda.gdc_launch_dependents()
-    x = tl.load(x_ptr + k, mask=mk, other=0.0).to(tl.float32)  # (KP,)
+    x1 = tl.load(x_ptr + k1).to(tl.float32)  # (K1,)
+    x2 = tl.load(x_ptr + k2, mask=mk, other=0.0).to(tl.float32)  # (K2,)
     if NORM:
-        x *= tl.rsqrt(tl.sum(x * x, axis=0) / K + eps) * tl.load(norm_ptr + k, mask=mk, other=0.0).to(tl.float32)
-        x = x.to(w_ptr.dtype.element_ty).to(tl.float32)
-    y = tl.sum(w.to(tl.float32) * x[None, :], axis=1).to(w_ptr.dtype.element_ty)  # (BLOCK_N,)
+        rms = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / K + eps)
+        x1 = (x1 * rms * tl.load(norm_ptr + k1).to(tl.float32)).to(w_ptr.dtype.element_ty).to(tl.float32)
+        x2 = (x2 * rms * tl.load(norm_ptr + k2, mask=mk, other=0.0).to(tl.float32)).to(w_ptr.dtype.element_ty).to(tl.float32)
+    y = tl.sum(w1.to(tl.float32) * x1[None, :], axis=1) + tl.sum(w2.to(tl.float32) * x2[None, :], axis=1)
+    y = y.to(w_ptr.dtype.element_ty)  # (BLOCK_N,)
     if ADD:
         y = tl.load(out_ptr + n, mask=mn, other=0.0) + y.to(tl.float32)
     tl.store(out_ptr + n, y, mask=mn)
@@ -192,8 +199,8 @@ def linear(x, weight, norm=None, residual=None, conv=None):
             x = h
         out = F.linear(x, weight) if residual is None else residual.add_(F.linear(x, weight))
         return out if conv is None else (out, conv_step(out, *conv))
-    n, kp = weight.shape[0], triton.next_power_of_2(k)
-    block_n, warps = (4, 4) if kp <= 4096 else (2, 4)  # measured best in the step (notes/generation.md)
+    n, k1 = weight.shape[0], 1 << (k.bit_length() - 1)
+    block_n, warps = (4, 2) if k <= 4096 else (2, 4)  # measured best in the step (notes/generation.md)
     out = torch.empty(1, n, device=x.device, dtype=weight.dtype) if residual is None else residual
     conv_state, conv_w, conv_b, conv_out, di, kc = out, out, out, out, 0, 1  # placeholders: not read without conv
     if conv is not None:
@@ -204,7 +211,8 @@ def linear(x, weight, norm=None, residual=None, conv=None):
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, out, x if norm is None else norm.weight, conv_state, conv_w, conv_b, conv_out,
         n, k, 0.0 if norm is None else norm.eps, di, *(conv_state.stride()[1:] if conv is not None else (0, 0)),
-        NORM=norm is not None, ADD=residual is not None, CONV=conv is not None, BLOCK_N=block_n, KP=kp, KC=kc,
+        NORM=norm is not None, ADD=residual is not None, CONV=conv is not None, BLOCK_N=block_n, K1=k1,
+        K2=triton.next_power_of_2(max(k - k1, 1)), KC=kc,
         num_warps=warps, **_pdl(x))
     return out if conv is None else (out, conv_out)
 
