@@ -103,7 +103,8 @@ def test_generation_stops_at_end_of_text_and_never_samples_padding_rows():
 @pytest.mark.parametrize("batch", [1, 2])  # our matrix-vector kernel, cuBLAS
 def test_fused_step_equals_readable_step(batch):
     torch.manual_seed(0)
-    cfg = MambaConfig(d_model=24, n_layer=2, vocab_size=50, d_state=5, dt_rank=3)  # n, r not powers of two
+    # rows of 28 and 56: two tiles of 16 + 16 and 32 + 32, the second one part masked; n, r not powers of two
+    cfg = MambaConfig(d_model=28, n_layer=2, vocab_size=50, d_state=5, dt_rank=3)
     lm = MambaLM(cfg).eval().to(DEVICE)
     ids = torch.randint(0, 50, (batch, 10), device=DEVICE)
     with torch.no_grad():
