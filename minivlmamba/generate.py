@@ -63,9 +63,9 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, conv_state_ptr, conv_w_ptr, co
     mn, mk = n < N, k2 < K
     w1 = tl.load(w_ptr + n[:, None] * K + k1[None, :], mask=mn[:, None], other=0.0)  # (BLOCK_N, K1)
     w2 = tl.load(w_ptr + n[:, None] * K + k2[None, :], mask=mn[:, None] & mk[None, :], other=0.0)  # (BLOCK_N, K2)
-    if PDL:  # the weights are loading; only now wait for the kernel before us (x is its output), and
-        tl.extra.cuda.gdc_wait()  # let the next one start loading its own weights during our tail
-        tl.extra.cuda.gdc_launch_dependents()
+    if PDL:  # the weights are loading; let the next kernel launch and load its own weights during our
+        tl.extra.cuda.gdc_launch_dependents()  # tail, and only now wait for the kernel before us (x is its
+        tl.extra.cuda.gdc_wait()  # output; the next kernel's own wait covers us, as ours covers the one before)
     x1 = tl.load(x_ptr + k1).to(tl.float32)  # (K1,)
     x2 = tl.load(x_ptr + k2, mask=mk, other=0.0).to(tl.float32)  # (K2,)
     if NORM:
@@ -99,8 +99,8 @@ def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, D, eps, PDL: tl.constexpr, BLOCK: tl.
     mask = cols < D
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
     if PDL:
-        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
     out = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps) * w
     tl.store(out_ptr + row * D + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -116,8 +116,8 @@ def _conv_step_kernel(xz_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, DI, s_xb, s_s
     window = state_ptr + pid_b * s_sb + d * s_sd
     acc = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32)  # (BLOCK_D,)
     if PDL:
-        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     for k in tl.static_range(K):  # slot k takes slot k + 1; each channel stays in one thread, so
         if k < K - 1:             # every slot is read before it is overwritten
             v = tl.load(window + (k + 1) * s_sk, mask=md, other=0.0)
@@ -145,8 +145,8 @@ def _ssm_step_kernel(state_ptr, x_ptr, xz_ptr, dbc_ptr, dtw_ptr, dtb_ptr, A_log_
     dt_bias = tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)  # (BLOCK_D,)
     skip = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32)
     if PDL:  # the weights first, then wait for x_proj (and the kernels before it)
-        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     dbc = dbc_ptr + pid_b * s_dbcb  # this row of x_proj's output: dt (r), B (n), C (n)
     dt = tl.load(dbc + r, mask=mr, other=0.0).to(tl.float32)  # (RP,)
     delta = tl.sum(w_dt.to(tl.float32) * dt[None, :], axis=1) + dt_bias  # (BLOCK_D,): dt_proj, fused
