@@ -70,8 +70,9 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, conv_state_ptr, conv_w_ptr, co
     x2 = tl.load(x_ptr + k2, mask=mk, other=0.0).to(tl.float32)  # (K2,)
     if NORM:
         rms = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / K + eps)
-        x1 = (x1 * rms * tl.load(norm_ptr + k1).to(tl.float32)).to(w_ptr.dtype.element_ty).to(tl.float32)
-        x2 = (x2 * rms * tl.load(norm_ptr + k2, mask=mk, other=0.0).to(tl.float32)).to(w_ptr.dtype.element_ty).to(tl.float32)
+        x1 = x1 * rms * tl.load(norm_ptr + k1).to(tl.float32)
+        x2 = x2 * rms * tl.load(norm_ptr + k2, mask=mk, other=0.0).to(tl.float32)
+        x1, x2 = x1.to(w_ptr.dtype.element_ty).to(tl.float32), x2.to(w_ptr.dtype.element_ty).to(tl.float32)
     y = tl.sum(w1.to(tl.float32) * x1[None, :], axis=1) + tl.sum(w2.to(tl.float32) * x2[None, :], axis=1)
     y = y.to(w_ptr.dtype.element_ty)  # (BLOCK_N,)
     if ADD:

@@ -111,7 +111,8 @@ def test_bf16_D_and_delta_bias_are_read_as_their_fp32_values():
     leaves = make_inputs(2, 8, 45, 4, 1, torch.bfloat16, has_z=True, has_bias=True, seed=11)
     for name in ("D", "delta_bias"):
         leaves[name] = leaves[name].detach().bfloat16().requires_grad_()
-    wide = {k: (v.detach().float() if k in ("D", "delta_bias") else v.detach()).requires_grad_() for k, v in leaves.items()}
+    wide = {k: v.detach().float() if k in ("D", "delta_bias") else v.detach() for k, v in leaves.items()}
+    wide = {k: v.requires_grad_() for k, v in wide.items()}
     dout = torch.randn(2, 8, 45, generator=torch.Generator().manual_seed(2)).to(DEVICE, torch.bfloat16)
     outs = []
     for inputs in (leaves, wide):
