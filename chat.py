@@ -124,7 +124,8 @@ def main():
         from minivlmamba.web import serve  # here: only this mode imports Gradio
         return serve(*load_model(args.ckpt, args.device), args)
     for prompt in args.prompt or ():
-        check_text(prompt, "-p")
+        if not check_text(prompt, "-p").strip():
+            raise UserError("-p: an empty question; ask something, or leave -p out to chat")
     check_outputs()
     model, tokenizer = load_model(args.ckpt, args.device)
     if args.questions:

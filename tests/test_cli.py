@@ -167,6 +167,10 @@ def test_bad_checkpoint_folders(tmp_path, checkpoint):
     assert_one_line_error(run("train.py", "--out", tmp_path / "nope", "--resume", check=False), "no such checkpoint")
 
 
+def test_empty_prompt_is_refused(checkpoint):
+    assert_one_line_error(run("chat.py", "--ckpt", checkpoint, "--demo", "-p", "hi", "-p", " ", check=False), "empty question")
+
+
 def test_malformed_question_file(checkpoint, tmp_path):
     questions = tmp_path / "q.jsonl"
     questions.write_text('{"question_id": 1, "image": "a.png", "text": "hi"}\n{"question_id": 2, \n')
