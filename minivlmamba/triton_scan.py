@@ -181,7 +181,8 @@ def _block_d(group, block_d):
 def _segments(programs, n_chunks, segments, device):
     """How many segments of the sequence to scan at once (segments None: 1 unless the grid gives each
     multiprocessor fewer than 8 programs and the sequence has 32 chunks or more; then 4, doubled
-    while under 16 programs a multiprocessor and each segment keeps 8 chunks or more).
+    while under 16 programs a multiprocessor and each segment keeps 8 chunks or more, and at least
+    one segment per 64 chunks).
 
     A batch-1 prefill has few channels to spread: at di = 5120, 16 channels a program make 320
     programs of one warp for an H100's 132 multiprocessors, each walking the whole sequence one
@@ -189,6 +190,8 @@ def _segments(programs, n_chunks, segments, device):
     all but the last segment that sums each one up (its end state from zero, and its decay). H100,
     batch 1, l = 768 / 16K: 0.123 / 2.45 ms in one piece, 0.091 / 1.63 ms in 8; 2 segments were
     slower than one, and so was any split of a grid that already filled the GPU (notes/generation.md).
+    A long sequence gains from more: at 16K (2,048 chunks of 8) 8 / 16 / 32 segments took 1.70 / 1.66 /
+    1.61 ms with the prefill's D, z and bias, as the grid's last wave shrinks.
     """
     if segments is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -197,6 +200,7 @@ def _segments(programs, n_chunks, segments, device):
             segments = 4
             while programs * segments < 16 * sms and n_chunks >= 16 * segments:
                 segments *= 2
+            segments = max(segments, n_chunks // 64)
     return min(segments, n_chunks)
 
 
