@@ -12,10 +12,11 @@ H100). Two things stand between the readable `MambaLM.step` and that floor:
 - small kernels: even inside a graph each kernel costs ~2 us of start and drain. The norms, the
   conv, dt_proj and the gating between the matrix-vector products would cost as much as the
   products themselves.
-`fused_step` computes the same function as `MambaLM.step` in four kernels per layer at batch 1,
+`fused_step` computes the same function as `MambaLM.step` in three kernels per layer at batch 1,
 each of which either reads weights at full speed or is too small to matter:
     linear       the matrix products (batch 1: ours, with the RMSNorm fused into in_proj, the conv
-                 step into in_proj's epilogue and the residual add into out_proj; batches: cuBLAS)
+                 step and x_proj's product into in_proj's epilogue and the residual add into out_proj;
+                 batches: cuBLAS)
     conv_step    batches: shift the conv window by one input, depthwise conv, SiLU
                  (upstream: causal_conv1d_update)
     ssm_step     dt_proj + softplus, state update, C . h + D x, * silu(z)  (upstream: selective_state_update)
