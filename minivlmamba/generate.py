@@ -12,11 +12,10 @@ H100). Two things stand between the readable `MambaLM.step` and that floor:
 - small kernels: even inside a graph each kernel costs ~2 us of start and drain. The norms, the
   conv, dt_proj and the gating between the matrix-vector products would cost as much as the
   products themselves.
-`fused_step` computes the same function as `MambaLM.step` in three kernels per layer at batch 1,
+`fused_step` computes the same function as `MambaLM.step` in four kernels per layer at batch 1,
 each of which either reads weights at full speed or is too small to matter:
     linear       the matrix products (batch 1: ours, with the RMSNorm fused into in_proj, the conv
-                 step and x_proj's product into in_proj's epilogue and the residual add into out_proj;
-                 batches: cuBLAS)
+                 step into in_proj's epilogue and the residual add into out_proj; batches: cuBLAS)
     conv_step    batches: shift the conv window by one input, depthwise conv, SiLU
                  (upstream: causal_conv1d_update)
     ssm_step     dt_proj + softplus, state update, C . h + D x, * silu(z)  (upstream: selective_state_update)
@@ -47,21 +46,15 @@ import triton.language as tl
 from minivlmamba.mamba import InferenceCache, MambaLM
 
 
-FIXED = tl.constexpr(2.0 ** 32)  # x_proj's sums in in_proj's epilogue: int64 in units of 2^-32
-
-
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, conv_out_ptr,
-                 xw_ptr, sums_ptr, N, K, eps, DI, s_cd, s_ck, R2,
-                 NORM: tl.constexpr, ADD: tl.constexpr, CONV: tl.constexpr, XPROJ: tl.constexpr, PDL: tl.constexpr,
-                 BLOCK_N: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, KC: tl.constexpr, RP2: tl.constexpr):
+                 N, K, eps, DI, s_cd, s_ck,
+                 NORM: tl.constexpr, ADD: tl.constexpr, CONV: tl.constexpr, PDL: tl.constexpr,
+                 BLOCK_N: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, KC: tl.constexpr):
     """Batch 1: out = W x for BLOCK_N rows of W (N, K). NORM: x is the fp32 residual stream, first
     RMS-normalised (and rounded to W's dtype, as RMSNorm returns it). ADD: out (fp32) += the product.
     CONV (in_proj): rows below DI are the conv's input x; each enters its channel's window in
     conv_state (di, KC) and conv_out gets silu(window . conv_w + conv_b), as `_conv_step_kernel`.
-    XPROJ (with CONV): also x_proj's product (R2 rows of xw (R2, DI)), split over the programs: each
-    adds its channels' share into sums (R2,) as integers in units of 2^-32, whose sum is the same in
-    any order, so the step stays deterministic (fp32 atomics would not). RP2: R2 rounded up to a power of two.
     The whole row is loaded at once, every load in flight together, as two tiles whose widths are
     powers of two: columns [0, K1) and [K1, K1 + K2), K1 <= K (5120 = 4096 + 1024; one tile of 8192
     would hold 3072 masked columns in registers, and fewer programs would fit a multiprocessor)."""
@@ -70,10 +63,6 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, conv_state_ptr, conv_w_ptr, co
     mn, mk = n < N, k2 < K
     w1 = tl.load(w_ptr + n[:, None] * K + k1[None, :], mask=mn[:, None], other=0.0)  # (BLOCK_N, K1)
     w2 = tl.load(w_ptr + n[:, None] * K + k2[None, :], mask=mn[:, None] & mk[None, :], other=0.0)  # (BLOCK_N, K2)
-    if XPROJ:  # x_proj's columns of our channels (none for rows of z)
-        r = tl.arange(0, RP2)
-        mr = r < R2
-        wx = tl.load(xw_ptr + r[:, None] * DI + n[None, :], mask=mr[:, None] & (n < DI)[None, :], other=0.0)  # (RP2, BLOCK_N)
     if PDL:  # the weights are loading; let the next kernel launch and load its own weights during our
         tl.extra.cuda.gdc_launch_dependents()  # tail, and only now wait for the kernel before us (x is its
         tl.extra.cuda.gdc_wait()  # output; the next kernel's own wait covers us, as ours covers the one before)
@@ -100,12 +89,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, conv_state_ptr, conv_w_ptr, co
                 v = y
             tl.store(window + j * s_ck, v, mask=mx)
             acc += v.to(tl.float32) * tl.load(conv_w_ptr + n * KC + j, mask=mx, other=0.0).to(tl.float32)
-        xc = (acc * tl.sigmoid(acc)).to(conv_out_ptr.dtype.element_ty)  # (BLOCK_N,)
-        tl.store(conv_out_ptr + n, xc, mask=mx)
-        if XPROJ:
-            part = tl.sum(wx.to(tl.float32) * xc.to(tl.float32)[None, :], axis=1)  # (RP2,)
-            has_x = tl.program_id(0) * BLOCK_N < DI
-            tl.atomic_add(sums_ptr + r, (part * FIXED).to(tl.int64), mask=mr & has_x, sem="relaxed")
+        tl.store(conv_out_ptr + n, (acc * tl.sigmoid(acc)).to(conv_out_ptr.dtype.element_ty), mask=mx)
 
 
 @triton.jit
@@ -147,18 +131,11 @@ def _conv_step_kernel(xz_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, DI, s_xb, s_s
 
 
 @triton.jit
-def _from_fixed(sums, like_ptr):
-    """Fixed-point sums (int64 in units of 2^-32) -> their values in like_ptr's dtype."""
-    return (sums.to(tl.float32) * (1.0 / FIXED)).to(like_ptr.dtype.element_ty)
-
-
-@triton.jit
 def _ssm_step_kernel(state_ptr, x_ptr, xz_ptr, dbc_ptr, dtw_ptr, dtb_ptr, A_log_ptr, D_ptr, out_ptr,
                      DI, R, N, s_hb, s_hd, s_hn, s_xzb, s_dbcb,
-                     SUMS: tl.constexpr, PDL: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr):
+                     PDL: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr):
     """BLOCK_D channels of one row: delta = softplus(W_dt dt + bias), h = exp(delta A) h + delta B x,
-    out = (C . h + D x) * silu(z). RP, NP: r and n rounded up to powers of two. SUMS: dt, B, C come as
-    in_proj's fixed-point sums, rounded here to x's dtype as x_proj would return them."""
+    out = (C . h + D x) * silu(z). RP, NP: r and n rounded up to powers of two."""
     d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     pid_b = tl.program_id(1).to(tl.int64)
     r, n = tl.arange(0, RP), tl.arange(0, NP)
@@ -172,14 +149,11 @@ def _ssm_step_kernel(state_ptr, x_ptr, xz_ptr, dbc_ptr, dtw_ptr, dtb_ptr, A_log_
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     dbc = dbc_ptr + pid_b * s_dbcb  # this row of x_proj's output: dt (r), B (n), C (n)
-    dt = tl.load(dbc + r, mask=mr, other=0)  # (RP,)
-    Bv = tl.load(dbc + R + n, mask=mn, other=0)  # (NP,)
-    Cv = tl.load(dbc + R + N + n, mask=mn, other=0)
-    if SUMS:
-        dt, Bv, Cv = _from_fixed(dt, x_ptr), _from_fixed(Bv, x_ptr), _from_fixed(Cv, x_ptr)
-    dt, Bv, Cv = dt.to(tl.float32), Bv.to(tl.float32), Cv.to(tl.float32)
+    dt = tl.load(dbc + r, mask=mr, other=0.0).to(tl.float32)  # (RP,)
     delta = tl.sum(w_dt.to(tl.float32) * dt[None, :], axis=1) + dt_bias  # (BLOCK_D,): dt_proj, fused
     delta = tl.where(delta <= 20.0, tl.log(1.0 + tl.exp(delta)), delta)  # softplus, as F.softplus
+    Bv = tl.load(dbc + R + n, mask=mn, other=0.0).to(tl.float32)  # (NP,)
+    Cv = tl.load(dbc + R + N + n, mask=mn, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + pid_b * DI + d, mask=md, other=0.0).to(tl.float32)  # (BLOCK_D,)
     z = tl.load(xz_ptr + pid_b * s_xzb + DI + d, mask=md, other=0.0).to(tl.float32)
     h_ptrs = state_ptr + pid_b * s_hb + d[:, None] * s_hd + n[None, :] * s_hn
@@ -206,7 +180,7 @@ def _pdl(t):
     return dict(PDL=on, launch_pdl=on)
 
 
-def linear(x, weight, norm=None, residual=None, conv=None, x_proj=None):
+def linear(x, weight, norm=None, residual=None, conv=None):
     """The step's matrix products: x (b, k) -> x @ weight.T (b, n) in weight's dtype.
 
     norm: an RMSNorm to apply to x (then the fp32 residual stream) first. residual (b, n) fp32: add
@@ -216,8 +190,6 @@ def linear(x, weight, norm=None, residual=None, conv=None, x_proj=None):
     to cuBLAS, which then reads each weight once for all rows.
     conv (in_proj): (conv_state (b, di, d_conv), conv1d); then -> (xz (b, 2di), silu(conv(x)) (b, di)),
     the conv step fused into the product at batch 1 (`conv_step` at batches).
-    x_proj (batch 1, with conv): (its weight (r + 2n, di), sums (r + 2n,) int64 zeros): its product
-    with the conv's output, added into sums as fixed-point integers (`_gemv_kernel`), for `ssm_step`.
     """
     b, k = x.shape
     if b > 1:
@@ -232,18 +204,16 @@ def linear(x, weight, norm=None, residual=None, conv=None, x_proj=None):
     block_n, warps = (4, 2) if k <= 4096 else (2, 4)  # measured best in the step (notes/generation.md)
     out = torch.empty(1, n, device=x.device, dtype=weight.dtype) if residual is None else residual
     conv_state, conv_w, conv_b, conv_out, di, kc = out, out, out, out, 0, 1  # placeholders: not read without conv
-    xw, sums, r2 = (*x_proj, x_proj[0].shape[0]) if x_proj is not None else (out, out, 1)
     if conv is not None:
         conv_state, conv1d = conv
         di, kc = conv_state.shape[1:]
         conv_w, conv_b = conv1d.weight, conv1d.bias
         conv_out = torch.empty(1, di, device=x.device, dtype=weight.dtype)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, out, x if norm is None else norm.weight, conv_state, conv_w, conv_b, conv_out, xw, sums,
+        x, weight, out, x if norm is None else norm.weight, conv_state, conv_w, conv_b, conv_out,
         n, k, 0.0 if norm is None else norm.eps, di, *(conv_state.stride()[1:] if conv is not None else (0, 0)),
-        r2, NORM=norm is not None, ADD=residual is not None, CONV=conv is not None,
-        XPROJ=x_proj is not None, BLOCK_N=block_n, K1=k1, K2=triton.next_power_of_2(max(k - k1, 1)), KC=kc,
-        RP2=triton.next_power_of_2(r2),
+        NORM=norm is not None, ADD=residual is not None, CONV=conv is not None, BLOCK_N=block_n, K1=k1,
+        K2=triton.next_power_of_2(max(k - k1, 1)), KC=kc,
         num_warps=warps, **_pdl(x))
     return out if conv is None else (out, conv_out)
 
@@ -263,7 +233,7 @@ def ssm_step(ssm_state, x, xz, dt_B_C, mixer):
     """One step of the selective SSM with dt_proj fused in; ssm_state (b, di, n) fp32 updated in place.
 
     x (b, di) the conv output, xz (b, 2di) in_proj's output (z is its second half), dt_B_C (b, r + 2n)
-    x_proj's output, or at batch 1 its int64 fixed-point sums (`linear`'s x_proj) -> y (b, di) in x's dtype.
+    x_proj's output -> y (b, di) in x's dtype.
     """
     b, di, n = ssm_state.shape
     r = mixer.dt_proj.weight.shape[1]
@@ -271,25 +241,18 @@ def ssm_step(ssm_state, x, xz, dt_B_C, mixer):
     block_d = 16
     _ssm_step_kernel[(triton.cdiv(di, block_d), b)](
         ssm_state, x, xz, dt_B_C, mixer.dt_proj.weight, mixer.dt_proj.bias, mixer.A_log, mixer.D, out,
-        di, r, n, *ssm_state.stride(), xz.stride(0), dt_B_C.stride(0), SUMS=dt_B_C.dtype == torch.int64,
+        di, r, n, *ssm_state.stride(), xz.stride(0), dt_B_C.stride(0),
         BLOCK_D=block_d, RP=triton.next_power_of_2(r), NP=triton.next_power_of_2(n), num_warps=4, **_pdl(x))
     return out
 
 
 def fused_step(lm: MambaLM, input_ids, cache: InferenceCache):
-    """The same function as `MambaLM.step` (input_ids (b,) -> logits (b, v)), three kernels a layer at
-    batch 1 (x_proj in in_proj's epilogue), four at batches."""
+    """The same function as `MambaLM.step` (input_ids (b,) -> logits (b, v)), four kernels a layer."""
     residual = lm.backbone.embedding(input_ids).float()  # (b, d): the residual stream
-    layers = lm.backbone.layers
-    fuse = residual.shape[0] == 1
-    if fuse:  # every layer's x_proj sums, zeroed by one kernel a step
-        sums = torch.zeros(len(layers), layers[0].mixer.x_proj.weight.shape[0], device=residual.device,
-                           dtype=torch.int64)
-    for i, block in enumerate(layers):
+    for i, block in enumerate(lm.backbone.layers):
         mixer = block.mixer
-        xz, x = linear(residual, mixer.in_proj.weight, norm=block.norm, conv=(cache.conv_state[i], mixer.conv1d),
-                       x_proj=(mixer.x_proj.weight, sums[i]) if fuse else None)
-        dt_B_C = sums[i] if fuse else linear(x, mixer.x_proj.weight)  # (b, r + 2n)
+        xz, x = linear(residual, mixer.in_proj.weight, norm=block.norm, conv=(cache.conv_state[i], mixer.conv1d))
+        dt_B_C = linear(x, mixer.x_proj.weight)  # (b, r + 2n)
         y = ssm_step(cache.ssm_state[i], x, xz, dt_B_C, mixer)  # (b, di)
         linear(y, mixer.out_proj.weight, residual=residual)  # residual += out_proj(y), in place
     return linear(residual, lm.lm_head.weight, norm=lm.backbone.norm_f)  # (b, v)
