@@ -47,37 +47,10 @@ from minivlmamba.mamba import InferenceCache, MambaLM
 
 
 @triton.jit
-def _wait(wait_ptr, wait_n, PDL: tl.constexpr, FLAGS: tl.constexpr):
-    """With PDL: let the next kernel launch, then wait for the kernel before us. FLAGS (batch 1, `Chain`):
-    until its counter at wait_ptr says all of its wait_n programs are done (the first kernel of a step,
-    wait_n 0, waits for the whole grid before it, which is not ours); else for its whole grid to retire
-    and flush (`gdc_wait`). Without PDL the kernel before us has finished when we start."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        if FLAGS and wait_n > 0:
-            seen = tl.load(wait_ptr, volatile=True)
-            while seen < wait_n:  # spin in the L2 (a volatile load skips L1)
-                seen = tl.load(wait_ptr, volatile=True)
-            tl.atomic_cas(wait_ptr, -1, -1, sem="acquire")  # never swaps; orders our reads after the count's
-            tl.debug_barrier()  # writes, for every thread of the program
-        else:
-            tl.extra.cuda.gdc_wait()
-
-
-@triton.jit
-def _signal(done_ptr, FLAGS: tl.constexpr):
-    """FLAGS: count this program done, after every thread's stores (release: they are seen first)."""
-    if FLAGS:
-        tl.debug_barrier()
-        tl.atomic_add(done_ptr, 1, sem="release")
-
-
-@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, conv_out_ptr,
-                 N, K, eps, DI, s_cd, s_ck, wait_ptr, wait_n, done_ptr,
+                 N, K, eps, DI, s_cd, s_ck,
                  NORM: tl.constexpr, ADD: tl.constexpr, CONV: tl.constexpr, PDL: tl.constexpr,
-                 FLAGS: tl.constexpr, BLOCK_N: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-                 KC: tl.constexpr):
+                 BLOCK_N: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, KC: tl.constexpr):
     """Batch 1: out = W x for BLOCK_N rows of W (N, K). NORM: x is the fp32 residual stream, first
     RMS-normalised (and rounded to W's dtype, as RMSNorm returns it). ADD: out (fp32) += the product.
     CONV (in_proj): rows below DI are the conv's input x; each enters its channel's window in
@@ -90,7 +63,9 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, conv_state_ptr, conv_w_ptr, co
     mn, mk = n < N, k2 < K
     w1 = tl.load(w_ptr + n[:, None] * K + k1[None, :], mask=mn[:, None], other=0.0)  # (BLOCK_N, K1)
     w2 = tl.load(w_ptr + n[:, None] * K + k2[None, :], mask=mn[:, None] & mk[None, :], other=0.0)  # (BLOCK_N, K2)
-    _wait(wait_ptr, wait_n, PDL, FLAGS)  # the weights are loading; only x is the kernel before us's output
+    if PDL:  # the weights are loading; let the next kernel launch and load its own weights during our
+        tl.extra.cuda.gdc_launch_dependents()  # tail, and only now wait for the kernel before us (x is its
+        tl.extra.cuda.gdc_wait()  # output; the next kernel's own wait covers us, as ours covers the one before)
     x1 = tl.load(x_ptr + k1).to(tl.float32)  # (K1,)
     x2 = tl.load(x_ptr + k2, mask=mk, other=0.0).to(tl.float32)  # (K2,)
     if NORM:
@@ -115,7 +90,6 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, conv_state_ptr, conv_w_ptr, co
             tl.store(window + j * s_ck, v, mask=mx)
             acc += v.to(tl.float32) * tl.load(conv_w_ptr + n * KC + j, mask=mx, other=0.0).to(tl.float32)
         tl.store(conv_out_ptr + n, (acc * tl.sigmoid(acc)).to(conv_out_ptr.dtype.element_ty), mask=mx)
-    _signal(done_ptr, FLAGS)
 
 
 @triton.jit
@@ -158,9 +132,8 @@ def _conv_step_kernel(xz_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, DI, s_xb, s_s
 
 @triton.jit
 def _ssm_step_kernel(state_ptr, x_ptr, xz_ptr, dbc_ptr, dtw_ptr, dtb_ptr, A_log_ptr, D_ptr, out_ptr,
-                     DI, R, N, s_hb, s_hd, s_hn, s_xzb, s_dbcb, wait_ptr, wait_n, done_ptr,
-                     PDL: tl.constexpr, FLAGS: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr,
-                     NP: tl.constexpr):
+                     DI, R, N, s_hb, s_hd, s_hn, s_xzb, s_dbcb,
+                     PDL: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr):
     """BLOCK_D channels of one row: delta = softplus(W_dt dt + bias), h = exp(delta A) h + delta B x,
     out = (C . h + D x) * silu(z). RP, NP: r and n rounded up to powers of two."""
     d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
@@ -172,7 +145,9 @@ def _ssm_step_kernel(state_ptr, x_ptr, xz_ptr, dbc_ptr, dtw_ptr, dtb_ptr, A_log_
     A = -tl.exp(tl.load(A_log_ptr + d[:, None] * N + n[None, :], mask=mdn, other=0.0).to(tl.float32))
     dt_bias = tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)  # (BLOCK_D,)
     skip = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32)
-    _wait(wait_ptr, wait_n, PDL, FLAGS)  # the weights first, then wait for x_proj (and the kernels before it)
+    if PDL:  # the weights first, then wait for x_proj (and the kernels before it)
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     dbc = dbc_ptr + pid_b * s_dbcb  # this row of x_proj's output: dt (r), B (n), C (n)
     dt = tl.load(dbc + r, mask=mr, other=0.0).to(tl.float32)  # (RP,)
     delta = tl.sum(w_dt.to(tl.float32) * dt[None, :], axis=1) + dt_bias  # (BLOCK_D,): dt_proj, fused
@@ -188,11 +163,9 @@ def _ssm_step_kernel(state_ptr, x_ptr, xz_ptr, dbc_ptr, dtw_ptr, dtb_ptr, A_log_
     y = tl.sum(h * Cv[None, :], axis=1) + skip * x
     y *= z * tl.sigmoid(z)
     tl.store(out_ptr + pid_b * DI + d, y.to(out_ptr.dtype.element_ty), mask=md)
-    _signal(done_ptr, FLAGS)
 
 
 PDL = True  # launch the step's kernels with programmatic dependent launch where the card has it
-FLAGS = True  # at batch 1, each kernel waits on the counter of the one before it (`Chain`), not its grid
 
 
 @functools.cache
@@ -207,37 +180,7 @@ def _pdl(t):
     return dict(PDL=on, launch_pdl=on)
 
 
-class Chain:
-    """The kernels of one batch-1 step in launch order, each with a counter of its programs done.
-
-    `gdc_wait` waits for the whole grid before it to retire and flush: about 2.6 us at each of a
-    token's 257 kernel boundaries (notes/generation.md). In a chain each program instead adds 1 to
-    its kernel's counter once its stores are out, and the next kernel spins until that count is whole.
-    It cannot deadlock: with PDL a kernel launches only after every program of the one before it has
-    started, so the programs it waits for all hold a multiprocessor already. Made inside the captured
-    step, so that each replay starts from zeroed counters.
-    """
-
-    def __init__(self, kernels, device):
-        self.done = torch.zeros(kernels, dtype=torch.int32, device=device)
-        self.linked, self.programs = 0, 0  # kernels linked so far, the last one's programs
-
-    def link(self, programs):
-        """The next kernel, of `programs` programs -> its wait and signal arguments: the counter and
-        programs of the kernel before it (none for the first), its own counter."""
-        i, wait_n = self.linked, self.programs
-        self.linked, self.programs = i + 1, programs
-        return dict(wait_ptr=self.done[max(i - 1, 0):], wait_n=wait_n, done_ptr=self.done[i:], FLAGS=True)
-
-
-def _link(chain, programs, placeholder):
-    """A kernel's wait and signal arguments: its chain's, or placeholders (not read) without one."""
-    if chain is None:
-        return dict(wait_ptr=placeholder, wait_n=0, done_ptr=placeholder, FLAGS=False)
-    return chain.link(programs)
-
-
-def linear(x, weight, norm=None, residual=None, conv=None, chain=None):
+def linear(x, weight, norm=None, residual=None, conv=None):
     """The step's matrix products: x (b, k) -> x @ weight.T (b, n) in weight's dtype.
 
     norm: an RMSNorm to apply to x (then the fp32 residual stream) first. residual (b, n) fp32: add
@@ -247,7 +190,6 @@ def linear(x, weight, norm=None, residual=None, conv=None, chain=None):
     to cuBLAS, which then reads each weight once for all rows.
     conv (in_proj): (conv_state (b, di, d_conv), conv1d); then -> (xz (b, 2di), silu(conv(x)) (b, di)),
     the conv step fused into the product at batch 1 (`conv_step` at batches).
-    chain: the step's `Chain` (batch 1), or None.
     """
     b, k = x.shape
     if b > 1:
@@ -267,13 +209,12 @@ def linear(x, weight, norm=None, residual=None, conv=None, chain=None):
         di, kc = conv_state.shape[1:]
         conv_w, conv_b = conv1d.weight, conv1d.bias
         conv_out = torch.empty(1, di, device=x.device, dtype=weight.dtype)
-    programs = triton.cdiv(n, block_n)
-    _gemv_kernel[(programs,)](
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, out, x if norm is None else norm.weight, conv_state, conv_w, conv_b, conv_out,
         n, k, 0.0 if norm is None else norm.eps, di, *(conv_state.stride()[1:] if conv is not None else (0, 0)),
         NORM=norm is not None, ADD=residual is not None, CONV=conv is not None, BLOCK_N=block_n, K1=k1,
         K2=triton.next_power_of_2(max(k - k1, 1)), KC=kc,
-        num_warps=warps, **_pdl(x), **_link(chain, programs, out))
+        num_warps=warps, **_pdl(x))
     return out if conv is None else (out, conv_out)
 
 
@@ -288,40 +229,33 @@ def conv_step(xz, conv_state, conv1d):
     return out
 
 
-def ssm_step(ssm_state, x, xz, dt_B_C, mixer, chain=None):
+def ssm_step(ssm_state, x, xz, dt_B_C, mixer):
     """One step of the selective SSM with dt_proj fused in; ssm_state (b, di, n) fp32 updated in place.
 
     x (b, di) the conv output, xz (b, 2di) in_proj's output (z is its second half), dt_B_C (b, r + 2n)
-    x_proj's output -> y (b, di) in x's dtype. chain: the step's `Chain` (batch 1), or None.
+    x_proj's output -> y (b, di) in x's dtype.
     """
     b, di, n = ssm_state.shape
     r = mixer.dt_proj.weight.shape[1]
     out = torch.empty_like(x)
     block_d = 16
-    grid = (triton.cdiv(di, block_d), b)
-    _ssm_step_kernel[grid](
+    _ssm_step_kernel[(triton.cdiv(di, block_d), b)](
         ssm_state, x, xz, dt_B_C, mixer.dt_proj.weight, mixer.dt_proj.bias, mixer.A_log, mixer.D, out,
         di, r, n, *ssm_state.stride(), xz.stride(0), dt_B_C.stride(0),
-        BLOCK_D=block_d, RP=triton.next_power_of_2(r), NP=triton.next_power_of_2(n), num_warps=4, **_pdl(x),
-        **_link(chain, grid[0] * grid[1], out))
+        BLOCK_D=block_d, RP=triton.next_power_of_2(r), NP=triton.next_power_of_2(n), num_warps=4, **_pdl(x))
     return out
 
 
-def fused_step(lm: MambaLM, input_ids, cache: InferenceCache, chain=None):
-    """The same function as `MambaLM.step` (input_ids (b,) -> logits (b, v)), four kernels a layer.
-    At batch 1 (with FLAGS) they form a `Chain`: `chain` if given (the tests read its counters)."""
-    layers = lm.backbone.layers
-    if chain is None and FLAGS and input_ids.shape[0] == 1:
-        chain = Chain(4 * len(layers) + 1, input_ids.device)
+def fused_step(lm: MambaLM, input_ids, cache: InferenceCache):
+    """The same function as `MambaLM.step` (input_ids (b,) -> logits (b, v)), four kernels a layer."""
     residual = lm.backbone.embedding(input_ids).float()  # (b, d): the residual stream
-    for i, block in enumerate(layers):
+    for i, block in enumerate(lm.backbone.layers):
         mixer = block.mixer
-        xz, x = linear(residual, mixer.in_proj.weight, norm=block.norm, conv=(cache.conv_state[i], mixer.conv1d),
-                       chain=chain)
-        dt_B_C = linear(x, mixer.x_proj.weight, chain=chain)  # (b, r + 2n)
-        y = ssm_step(cache.ssm_state[i], x, xz, dt_B_C, mixer, chain=chain)  # (b, di)
-        linear(y, mixer.out_proj.weight, residual=residual, chain=chain)  # residual += out_proj(y), in place
-    return linear(residual, lm.lm_head.weight, norm=lm.backbone.norm_f, chain=chain)  # (b, v)
+        xz, x = linear(residual, mixer.in_proj.weight, norm=block.norm, conv=(cache.conv_state[i], mixer.conv1d))
+        dt_B_C = linear(x, mixer.x_proj.weight)  # (b, r + 2n)
+        y = ssm_step(cache.ssm_state[i], x, xz, dt_B_C, mixer)  # (b, di)
+        linear(y, mixer.out_proj.weight, residual=residual)  # residual += out_proj(y), in place
+    return linear(residual, lm.lm_head.weight, norm=lm.backbone.norm_f)  # (b, v)
 
 
 def capture(fn, *args):
