@@ -93,6 +93,34 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, conv_state_ptr, conv_w_ptr, co
 
 
 @triton.jit
+def _batch_product_kernel(x_ptr, w_ptr, out_ptr, B, N, K: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr,
+                          PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    """Batches of up to BLOCK_B rows: out (B, N) = x (B, K) @ W (N, K)^T for BLOCK_N columns of out,
+    each weight read once for all rows (on the tensor cores: the BLOCK_B rows are the product's narrow
+    side). ADD: out (fp32) += the product, rounded to W's dtype first, as `residual.add_(F.linear(...))`."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    b = tl.arange(0, BLOCK_B)
+    mn, mb = n < N, b < B
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    acc = tl.zeros((BLOCK_N, BLOCK_B), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+        mk = k < K
+        w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=mn[:, None] & mk[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
+        x = tl.load(x_ptr + b[None, :] * K + k[:, None], mask=mk[:, None] & mb[None, :], other=0.0)  # (BLOCK_K, BLOCK_B)
+        acc = tl.dot(w, x, acc, input_precision=PRECISION)
+    if PDL:  # only now let the next kernel launch: its programs would wait beside ours, holding their room
+        tl.extra.cuda.gdc_launch_dependents()
+    y = acc.to(w_ptr.dtype.element_ty)
+    at, m = out_ptr + b[None, :] * N + n[:, None], mn[:, None] & mb[None, :]  # (BLOCK_N, BLOCK_B)
+    if ADD:
+        y = tl.load(at, mask=m, other=0.0) + y.to(tl.float32)
+    tl.store(at, y, mask=m)
+
+
+@triton.jit
 def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, D, eps, PDL: tl.constexpr, BLOCK: tl.constexpr):
     """One row: out = rmsnorm(x) * w, in fp32, stored in out's dtype."""
     row = tl.program_id(0).to(tl.int64)
@@ -165,6 +193,7 @@ def _ssm_step_kernel(state_ptr, x_ptr, xz_ptr, dbc_ptr, dtw_ptr, dtb_ptr, A_log_
     tl.store(out_ptr + pid_b * DI + d, y.to(out_ptr.dtype.element_ty), mask=md)
 
 
+BATCH_ROWS = 16  # batches up to this many rows take `batch_product` for their large products, not cuBLAS
 PDL = True  # launch the step's kernels with programmatic dependent launch where the card has it
 
 
@@ -198,7 +227,10 @@ def linear(x, weight, norm=None, residual=None, conv=None):
             _rmsnorm_kernel[(b,)](x, norm.weight, h, k, norm.eps, BLOCK=triton.next_power_of_2(k), num_warps=8,
                                   **_pdl(x))
             x = h
-        out = F.linear(x, weight) if residual is None else residual.add_(F.linear(x, weight))
+        if b <= BATCH_ROWS and weight.shape[0] >= 1024:
+            out = batch_product(x, weight, residual)
+        else:
+            out = F.linear(x, weight) if residual is None else residual.add_(F.linear(x, weight))
         return out if conv is None else (out, conv_step(out, *conv))
     n, k1 = weight.shape[0], 1 << (k.bit_length() - 1)
     block_n, warps = (4, 2) if k <= 4096 else (2, 4)  # measured best in the step (notes/generation.md)
@@ -216,6 +248,21 @@ def linear(x, weight, norm=None, residual=None, conv=None):
         K2=triton.next_power_of_2(max(k - k1, 1)), KC=kc,
         num_warps=warps, **_pdl(x))
     return out if conv is None else (out, conv_out)
+
+
+def batch_product(x, weight, residual=None, block_n=64, block_k=None, warps=4, stages=None):
+    """x (b, k) @ weight.T (b, n) in weight's dtype, each weight read once for all b rows (b <= 64);
+    residual (b, n) fp32: add the product into it, in place, and return it."""
+    b, k = x.shape
+    n = weight.shape[0]
+    if block_k is None:  # measured best (notes/generation.md): rows of 2560 in tiles of 128, 3 in flight;
+        block_k, stages = (128, 3) if k <= 4096 else (256, 5)  # rows of 5120 in tiles of 256, 5 in flight
+    out = torch.empty(b, n, device=x.device, dtype=weight.dtype) if residual is None else residual
+    _batch_product_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, out, b, n, K=k, ADD=residual is not None,
+        PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", BLOCK_N=block_n,
+        BLOCK_B=max(16, triton.next_power_of_2(b)), BLOCK_K=block_k, num_warps=warps, num_stages=stages, **_pdl(x))
+    return out
 
 
 def conv_step(xz, conv_state, conv1d):

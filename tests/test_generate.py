@@ -9,6 +9,7 @@ import dataclasses
 import os
 
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
@@ -16,7 +17,7 @@ if not torch.cuda.is_available():
 import pytest
 
 from minivlmamba import MambaConfig, MambaLM, VLMamba, preset
-from minivlmamba.generate import CudaGraphDecoder, fused_step
+from minivlmamba.generate import CudaGraphDecoder, batch_product, fused_step
 from minivlmamba.vlm import EOT_ID, sample
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -116,6 +117,30 @@ def test_fused_step_equals_readable_step(batch):
         for t in range(5, 10):
             torch.testing.assert_close(fused_step(lm, ids[:, t], cache), lm.step(ids[:, t], twin), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cache.conv_state, twin.conv_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.ssm_state, twin.ssm_state, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("b", [2, 5, 16, 40])  # one tile of 16 rows, part masked; 64 rows for 40
+def test_batch_product_equals_linear(b):
+    torch.manual_seed(0)
+    x, w = torch.randn(b, 300, device=DEVICE), torch.randn(200, 300, device=DEVICE)  # 300: tiles of 128 + a part
+    residual = torch.randn(b, 200, device=DEVICE)
+    torch.testing.assert_close(batch_product(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(batch_product(x, w, residual.clone()), residual + F.linear(x, w), rtol=1e-5, atol=1e-4)
+    if DEVICE == "cuda":  # bf16 on the tensor cores, against cuBLAS's bf16 product (the interpreter has no bf16 dot)
+        xb, wb = x.bfloat16(), w.bfloat16()
+        torch.testing.assert_close(batch_product(xb, wb).float(), F.linear(xb, wb).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_fused_step_with_batch_products_equals_readable_step():
+    """A model wide enough that the batch's in_proj, out_proj and LM head take `batch_product` (rows of 1,024 and more)."""
+    torch.manual_seed(0)
+    lm = MambaLM(MambaConfig(d_model=1024, n_layer=1, vocab_size=1024, d_state=4)).eval().to(DEVICE)
+    ids = torch.randint(0, 1024, (3, 3), device=DEVICE)
+    with torch.no_grad():
+        cache, twin = lm.allocate_cache(3), lm.allocate_cache(3)
+        for t in range(3):
+            torch.testing.assert_close(fused_step(lm, ids[:, t], cache), lm.step(ids[:, t], twin), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cache.ssm_state, twin.ssm_state, rtol=1e-4, atol=1e-4)
 
 
