@@ -15,7 +15,8 @@ H100). Two things stand between the readable `MambaLM.step` and that floor:
 `fused_step` computes the same function as `MambaLM.step` in four kernels per layer at batch 1,
 each of which either reads weights at full speed or is too small to matter:
     linear       the matrix products (batch 1: ours, with the RMSNorm fused into in_proj, the conv
-                 step into in_proj's epilogue and the residual add into out_proj; batches: cuBLAS)
+                 step into in_proj's epilogue and the residual add into out_proj; batches of up to
+                 16: ours again, `batch_product`, but for x_proj; larger batches: cuBLAS)
     conv_step    batches: shift the conv window by one input, depthwise conv, SiLU
                  (upstream: causal_conv1d_update)
     ssm_step     dt_proj + softplus, state update, C . h + D x, * silu(z)  (upstream: selective_state_update)
@@ -215,8 +216,10 @@ def linear(x, weight, norm=None, residual=None, conv=None):
     norm: an RMSNorm to apply to x (then the fp32 residual stream) first. residual (b, n) fp32: add
     the product into it, in place, and return it. At batch 1 these are matrix-vector products, which
     cuBLAS runs well under the bandwidth (notes/generation.md): our kernel reads a whole row of
-    `weight` per program, all loads in flight at once, and fuses the norm and the add. Batches go
-    to cuBLAS, which then reads each weight once for all rows.
+    `weight` per program, all loads in flight at once, and fuses the norm and the add. Batches
+    read each weight once for all rows: up to BATCH_ROWS rows in `batch_product` (cuBLAS's kernels
+    for so few rows read slower), unless the product is narrow (x_proj: 192 rows of 5120, which
+    cuBLAS splits along k over more programs than our grid of rows would have), else in cuBLAS.
     conv (in_proj): (conv_state (b, di, d_conv), conv1d); then -> (xz (b, 2di), silu(conv(x)) (b, di)),
     the conv step fused into the product at batch 1 (`conv_step` at batches).
     """
@@ -227,7 +230,7 @@ def linear(x, weight, norm=None, residual=None, conv=None):
             _rmsnorm_kernel[(b,)](x, norm.weight, h, k, norm.eps, BLOCK=triton.next_power_of_2(k), num_warps=8,
                                   **_pdl(x))
             x = h
-        if b <= BATCH_ROWS and weight.shape[0] >= 1024:
+        if b <= BATCH_ROWS and weight.shape[0] >= 1024:  # not narrow
             out = batch_product(x, weight, residual)
         else:
             out = F.linear(x, weight) if residual is None else residual.add_(F.linear(x, weight))
@@ -251,8 +254,9 @@ def linear(x, weight, norm=None, residual=None, conv=None):
 
 
 def batch_product(x, weight, residual=None, block_n=64, block_k=None, warps=4, stages=None):
-    """x (b, k) @ weight.T (b, n) in weight's dtype, each weight read once for all b rows (b <= 64);
-    residual (b, n) fp32: add the product into it, in place, and return it."""
+    """x (b, k) @ weight.T (b, n) in weight's dtype, each weight read once for all b rows; residual
+    (b, n) fp32: add the product into it, in place, and return it. block_n columns of the output a
+    program, k in tiles of block_k, `stages` tiles in flight (Triton's software pipeline)."""
     b, k = x.shape
     n = weight.shape[0]
     if block_k is None:  # measured best (notes/generation.md): rows of 2560 in tiles of 128, 3 in flight;
