@@ -104,6 +104,7 @@ def _batch_product_kernel(x_ptr, w_ptr, out_ptr, B, N, K: tl.constexpr, ADD: tl.
     b = tl.arange(0, BLOCK_B)
     mn, mb = n < N, b < B
     if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     acc = tl.zeros((BLOCK_N, BLOCK_B), tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -112,8 +113,6 @@ def _batch_product_kernel(x_ptr, w_ptr, out_ptr, B, N, K: tl.constexpr, ADD: tl.
         w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=mn[:, None] & mk[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
         x = tl.load(x_ptr + b[None, :] * K + k[:, None], mask=mk[:, None] & mb[None, :], other=0.0)  # (BLOCK_K, BLOCK_B)
         acc = tl.dot(w, x, acc, input_precision=PRECISION)
-    if PDL:  # only now let the next kernel launch: its programs would wait beside ours, holding their room
-        tl.extra.cuda.gdc_launch_dependents()
     y = acc.to(w_ptr.dtype.element_ty)
     at, m = out_ptr + b[None, :] * N + n[:, None], mn[:, None] & mb[None, :]  # (BLOCK_N, BLOCK_B)
     if ADD:
