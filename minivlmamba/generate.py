@@ -254,8 +254,9 @@ def linear(x, weight, norm=None, residual=None, conv=None):
 
 def batch_product(x, weight, residual=None, block_n=64, block_k=None, warps=4, stages=None):
     """x (b, k) @ weight.T (b, n) in weight's dtype, each weight read once for all b rows; residual
-    (b, n) fp32: add the product into it, in place, and return it. block_n columns of the output a
-    program, k in tiles of block_k, `stages` tiles in flight (Triton's software pipeline)."""
+    (b, n) fp32: add the product into it, in place, and return it (both contiguous, as the step's are).
+    block_n columns of the output a program, k in tiles of block_k, `stages` tiles in flight (Triton's
+    software pipeline)."""
     b, k = x.shape
     n = weight.shape[0]
     if block_k is None:  # measured best (notes/generation.md): rows of 2560 in tiles of 128, 3 in flight;
