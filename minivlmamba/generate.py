@@ -198,6 +198,12 @@ PDL = True  # launch the step's kernels with programmatic dependent launch where
 
 
 @functools.cache
+def _shared_memory(device):
+    """Bytes of shared memory a program may take on this card (227 KiB on an H100, 163 on an A100)."""
+    return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+
+
+@functools.cache
 def _has_pdl(device):
     return torch.cuda.get_device_capability(device)[0] >= 9  # Hopper and later
 
@@ -252,20 +258,23 @@ def linear(x, weight, norm=None, residual=None, conv=None):
     return out if conv is None else (out, conv_out)
 
 
-def batch_product(x, weight, residual=None, block_n=64, block_k=None, warps=4, stages=None):
+def batch_product(x, weight, residual=None):
     """x (b, k) @ weight.T (b, n) in weight's dtype, each weight read once for all b rows; residual
     (b, n) fp32: add the product into it, in place, and return it (both contiguous, as the step's are).
-    block_n columns of the output a program, k in tiles of block_k, `stages` tiles in flight (Triton's
-    software pipeline)."""
+    64 columns of the output a program, k in tiles that Triton's software pipeline keeps in flight:
+    measured best (notes/generation.md), rows of 2560 in tiles of 128, 3 in flight, rows of 5120 in
+    tiles of 256, 5 in flight."""
     b, k = x.shape
     n = weight.shape[0]
-    if block_k is None:  # measured best (notes/generation.md): rows of 2560 in tiles of 128, 3 in flight;
-        block_k, stages = (128, 3) if k <= 4096 else (256, 5)  # rows of 5120 in tiles of 256, 5 in flight
+    block_n, block_b = 64, max(16, triton.next_power_of_2(b))
+    block_k, stages = (128, 3) if k <= 4096 else (256, 5)
+    if x.is_cuda:  # no more tiles in flight than the card's shared memory holds (fp32, more rows, older cards)
+        stages = max(1, min(stages, _shared_memory(x.device) // ((block_n + block_b) * block_k * x.element_size())))
     out = torch.empty(b, n, device=x.device, dtype=weight.dtype) if residual is None else residual
     _batch_product_kernel[(triton.cdiv(n, block_n),)](
         x, weight, out, b, n, K=k, ADD=residual is not None,
         PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", BLOCK_N=block_n,
-        BLOCK_B=max(16, triton.next_power_of_2(b)), BLOCK_K=block_k, num_warps=warps, num_stages=stages, **_pdl(x))
+        BLOCK_B=block_b, BLOCK_K=block_k, num_warps=4, num_stages=stages, **_pdl(x))
     return out
 
 
