@@ -169,7 +169,7 @@ class MambaMixer(nn.Module):
         gives the padding steps delta = 0 (`selective_scan`'s steps): a decay of exp(0) = 1 and no
         input, so it carries the state after the last real step through them unchanged, and the cache
         gets that state. Tensors, not a length: one CUDA graph then replays prefills of any length
-        (generate.py).
+        (cuda_graphs.py).
         """
         from minivlmamba.triton_conv import causal_conv1d_silu  # here: Triton loads only when used
         b, l, d = hidden.shape
@@ -301,7 +301,7 @@ class MambaLM(nn.Module):
         """The loop of `hidden_states` for GPUs: x (b, l, d) fp32 -> (b, l, d) in the mixers' output
         dtype (bf16 under autocast: the LM head's input); with a cache, the prefill, of which only the
         first `steps` steps are real (a 0-d long tensor on x's device; all l by default): the cache
-        gets the states after them, whatever the padding after them holds (generate.py's prefill
+        gets the states after them, whatever the padding after them holds (cuda_graphs.py's prefill
         graph pads every prompt to the length it was captured at).
 
         The same blocks cut where upstream cuts them (`Block.forward_fused`): each takes the previous

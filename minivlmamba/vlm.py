@@ -96,13 +96,13 @@ class VLMamba(nn.Module):
         """Read the image and the prompt into a fresh cache; returns the next-token logits (b, v).
 
         On CUDA (unless cuda_graph is False) a replay of the whole prefill captured as one CUDA graph
-        (generate.py), one per image shape and per 16 steps of length: prompts up to that length
+        (cuda_graphs.py), one per image shape and per 16 steps of length: prompts up to that length
         share it, so a chat captures a few. Without it the LM still runs fused on CUDA.
         """
         if not (cuda_graph and pixel_values.is_cuda):
             hidden = self.lm.hidden_states(self.embed(pixel_values, input_ids), cache)  # (b, p + l, d)
             return self.lm.lm_head(hidden[:, -1])
-        from minivlmamba.generate import CudaGraphPrefill  # here: Triton is loaded only for the GPU path
+        from minivlmamba.cuda_graphs import CudaGraphPrefill  # here: Triton is loaded only for the GPU path
         p, weight = self.cfg.vision.num_patches, self.lm.backbone.embedding.weight
         text_length = -(-(p + input_ids.shape[1]) // 16) * 16 - p  # the LM's steps a multiple of 16
         key = (tuple(pixel_values.shape), pixel_values.dtype, text_length, weight.device, weight.dtype)
@@ -125,11 +125,11 @@ class VLMamba(nn.Module):
         """The one-token step on `cache`: input_ids (b,) -> logits (b, v).
 
         On CUDA (unless cuda_graph is False) a replay of the fused step's CUDA graph, captured once
-        per batch size (generate.py); otherwise the readable `MambaLM.step`, the CPU path.
+        per batch size (cuda_graphs.py); otherwise the readable `MambaLM.step`, the CPU path.
         """
         if not (cuda_graph and cache.ssm_state.is_cuda):
             return functools.partial(self.lm.step, cache=cache)
-        from minivlmamba.generate import CudaGraphDecoder  # here: Triton is loaded only for the GPU path
+        from minivlmamba.cuda_graphs import CudaGraphDecoder  # here: Triton is loaded only for the GPU path
         weight = self.lm.backbone.embedding.weight
         key = (cache.ssm_state.shape[1], weight.device, weight.dtype)
         if key not in self.decoders:  # a model moved to another device or dtype drops its old graphs

@@ -17,7 +17,8 @@ if not torch.cuda.is_available():
 import pytest
 
 from minivlmamba import MambaConfig, MambaLM, VLMamba, preset
-from minivlmamba.generate import CudaGraphDecoder, batch_product, fused_step
+from minivlmamba.cuda_graphs import CudaGraphDecoder
+from minivlmamba.generate import batch_product, fused_step
 from minivlmamba.vlm import EOT_ID, sample
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

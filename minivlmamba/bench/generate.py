@@ -11,7 +11,8 @@ from minivlmamba.bench.common import copy_bandwidth
 from minivlmamba.cli import Number
 from minivlmamba.config import preset
 from minivlmamba import generate
-from minivlmamba.generate import CudaGraphDecoder, fused_step
+from minivlmamba.cuda_graphs import CudaGraphDecoder
+from minivlmamba.generate import fused_step
 from minivlmamba.triton_scan import selective_scan_triton
 from minivlmamba.vlm import EOT_ID, VLMamba
 
