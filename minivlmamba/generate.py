@@ -153,12 +153,13 @@ def _conv_step_kernel(xz_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, DI, s_xb, s_s
 
 @triton.jit
 def _ssm_step_kernel(state_ptr, x_ptr, xz_ptr, dbc_ptr, dtw_ptr, dtb_ptr, A_log_ptr, D_ptr, out_ptr,
-                     DI, R, N, s_hb, s_hd, s_hn, s_xzb, s_dbcb,
-                     PDL: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr):
-    """BLOCK_D channels of one row: delta = softplus(W_dt dt + bias), h = exp(delta A) h + delta B x,
-    out = (C . h + D x) * silu(z). RP, NP: r and n rounded up to powers of two."""
+                     B, DI, R, N, s_hb, s_hd, s_hn, s_xzb, s_dbcb,
+                     PDL: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, RP: tl.constexpr,
+                     NP: tl.constexpr):
+    """BLOCK_D channels of ROWS rows (dt_proj's weights and A loaded once for all of them), each row:
+    delta = softplus(W_dt dt + bias), h = exp(delta A) h + delta B x, out = (C . h + D x) * silu(z).
+    RP, NP: r and n rounded up to powers of two."""
     d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
-    pid_b = tl.program_id(1).to(tl.int64)
     r, n = tl.arange(0, RP), tl.arange(0, NP)
     md, mr, mn = d < DI, r < R, n < N
     mdn = md[:, None] & mn[None, :]  # (BLOCK_D, NP)
@@ -169,21 +170,25 @@ def _ssm_step_kernel(state_ptr, x_ptr, xz_ptr, dbc_ptr, dtw_ptr, dtb_ptr, A_log_
     if PDL:  # the weights first, then wait for x_proj (and the kernels before it)
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    dbc = dbc_ptr + pid_b * s_dbcb  # this row of x_proj's output: dt (r), B (n), C (n)
-    dt = tl.load(dbc + r, mask=mr, other=0.0).to(tl.float32)  # (RP,)
-    delta = tl.sum(w_dt.to(tl.float32) * dt[None, :], axis=1) + dt_bias  # (BLOCK_D,): dt_proj, fused
-    delta = tl.where(delta <= 20.0, tl.log(1.0 + tl.exp(delta)), delta)  # softplus, as F.softplus
-    Bv = tl.load(dbc + R + n, mask=mn, other=0.0).to(tl.float32)  # (NP,)
-    Cv = tl.load(dbc + R + N + n, mask=mn, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + pid_b * DI + d, mask=md, other=0.0).to(tl.float32)  # (BLOCK_D,)
-    z = tl.load(xz_ptr + pid_b * s_xzb + DI + d, mask=md, other=0.0).to(tl.float32)
-    h_ptrs = state_ptr + pid_b * s_hb + d[:, None] * s_hd + n[None, :] * s_hn
-    h = tl.load(h_ptrs, mask=mdn, other=0.0)  # (BLOCK_D, NP) fp32
-    h = tl.exp(delta[:, None] * A) * h + (delta * x)[:, None] * Bv[None, :]
-    tl.store(h_ptrs, h, mask=mdn)
-    y = tl.sum(h * Cv[None, :], axis=1) + skip * x
-    y *= z * tl.sigmoid(z)
-    tl.store(out_ptr + pid_b * DI + d, y.to(out_ptr.dtype.element_ty), mask=md)
+    for i in tl.static_range(ROWS):
+        row = tl.program_id(1).to(tl.int64) * ROWS + i
+        mrow = row < B  # the last program's rows may run past the batch
+        dbc = dbc_ptr + row * s_dbcb  # this row of x_proj's output: dt (r), B (n), C (n)
+        dt = tl.load(dbc + r, mask=mr & mrow, other=0.0).to(tl.float32)  # (RP,)
+        delta = tl.sum(w_dt.to(tl.float32) * dt[None, :], axis=1) + dt_bias  # (BLOCK_D,): dt_proj, fused
+        delta = tl.where(delta <= 20.0, tl.log(1.0 + tl.exp(delta)), delta)  # softplus, as F.softplus
+        Bv = tl.load(dbc + R + n, mask=mn & mrow, other=0.0).to(tl.float32)  # (NP,)
+        Cv = tl.load(dbc + R + N + n, mask=mn & mrow, other=0.0).to(tl.float32)
+        mx = md & mrow
+        x = tl.load(x_ptr + row * DI + d, mask=mx, other=0.0).to(tl.float32)  # (BLOCK_D,)
+        z = tl.load(xz_ptr + row * s_xzb + DI + d, mask=mx, other=0.0).to(tl.float32)
+        h_ptrs = state_ptr + row * s_hb + d[:, None] * s_hd + n[None, :] * s_hn
+        h = tl.load(h_ptrs, mask=mdn & mrow, other=0.0)  # (BLOCK_D, NP) fp32
+        h = tl.exp(delta[:, None] * A) * h + (delta * x)[:, None] * Bv[None, :]
+        tl.store(h_ptrs, h, mask=mdn & mrow)
+        y = tl.sum(h * Cv[None, :], axis=1) + skip * x
+        y *= z * tl.sigmoid(z)
+        tl.store(out_ptr + row * DI + d, y.to(out_ptr.dtype.element_ty), mask=mx)
 
 
 BATCH_ROWS = 16  # batches up to this many rows take `batch_product` for their large products, not cuBLAS
@@ -282,20 +287,22 @@ def conv_step(xz, conv_state, conv1d):
     return out
 
 
-def ssm_step(ssm_state, x, xz, dt_B_C, mixer):
+def ssm_step(ssm_state, x, xz, dt_B_C, mixer, block_d=16, rows=1, warps=4):
     """One step of the selective SSM with dt_proj fused in; ssm_state (b, di, n) fp32 updated in place.
 
     x (b, di) the conv output, xz (b, 2di) in_proj's output (z is its second half), dt_B_C (b, r + 2n)
-    x_proj's output -> y (b, di) in x's dtype.
+    x_proj's output -> y (b, di) in x's dtype. A program takes block_d channels of `rows` rows of the
+    batch with `warps` warps. The defaults are the best at batch 1 (notes/generation.md); at large
+    batches, where each program reloads dt_proj's weights for one row of state, more rows a program
+    are not yet measured (`python -m minivlmamba.bench generate --sweep`).
     """
     b, di, n = ssm_state.shape
     r = mixer.dt_proj.weight.shape[1]
     out = torch.empty_like(x)
-    block_d = 16
-    _ssm_step_kernel[(triton.cdiv(di, block_d), b)](
+    _ssm_step_kernel[(triton.cdiv(di, block_d), triton.cdiv(b, rows))](
         ssm_state, x, xz, dt_B_C, mixer.dt_proj.weight, mixer.dt_proj.bias, mixer.A_log, mixer.D, out,
-        di, r, n, *ssm_state.stride(), xz.stride(0), dt_B_C.stride(0),
-        BLOCK_D=block_d, RP=triton.next_power_of_2(r), NP=triton.next_power_of_2(n), num_warps=4, **_pdl(x))
+        b, di, r, n, *ssm_state.stride(), xz.stride(0), dt_B_C.stride(0), BLOCK_D=block_d, ROWS=rows,
+        RP=triton.next_power_of_2(r), NP=triton.next_power_of_2(n), num_warps=warps, **_pdl(x))
     return out
 
 

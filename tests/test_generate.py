@@ -18,7 +18,7 @@ import pytest
 
 from minivlmamba import MambaConfig, MambaLM, VLMamba, preset
 from minivlmamba.cuda_graphs import CudaGraphDecoder
-from minivlmamba.generate import batch_product, fused_step
+from minivlmamba.generate import batch_product, fused_step, ssm_step
 from minivlmamba.vlm import EOT_ID, sample
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -143,6 +143,20 @@ def test_fused_step_with_batch_products_equals_readable_step():
         for t in range(3):
             torch.testing.assert_close(fused_step(lm, ids[:, t], cache), lm.step(ids[:, t], twin), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cache.ssm_state, twin.ssm_state, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("block_d, rows", [(32, 2), (8, 4), (16, 8)])  # 5 rows: the last program's part masked
+def test_ssm_step_with_several_rows_a_program_changes_nothing(block_d, rows):
+    torch.manual_seed(0)
+    mixer = MambaLM(MambaConfig(d_model=20, n_layer=1, vocab_size=50, d_state=5, dt_rank=3)).to(DEVICE).backbone.layers[0].mixer
+    di, n = mixer.A_log.shape
+    state = torch.randn(5, di, n, device=DEVICE)
+    x, xz, dt_B_C = (torch.randn(5, width, device=DEVICE) for width in (di, 2 * di, 3 + 2 * n))
+    with torch.no_grad():
+        one, several = state.clone(), state.clone()
+        y = ssm_step(one, x, xz, dt_B_C, mixer)
+        assert torch.equal(ssm_step(several, x, xz, dt_B_C, mixer, block_d, rows), y)
+    assert torch.equal(several, one) and not torch.equal(one, state)
 
 
 @pytest.mark.parametrize("l, pad", [(3, 0), (13, 0), (13, 22)])  # shorter than the conv window; odd, so

@@ -12,7 +12,7 @@ from minivlmamba.cli import Number
 from minivlmamba.config import preset
 from minivlmamba import generate
 from minivlmamba.cuda_graphs import CudaGraphDecoder
-from minivlmamba.generate import fused_step
+from minivlmamba.generate import fused_step, ssm_step
 from minivlmamba.triton_scan import selective_scan_triton
 from minivlmamba.vlm import EOT_ID, VLMamba
 
@@ -114,6 +114,22 @@ def scan_sweep(di=5120, n=16):
             fn = lambda: selective_scan_triton(u, delta, A, B, C, D, z, bias, True, True, chunk=chunk, block_d=block_d,
                                                segments=segments)
             out[l, chunk, block_d, segments] = do_bench(fn, return_mode="median")
+    return out
+
+
+def ssm_step_sweep(mixer, batches=(8, 64)):
+    """The decode step's SSM kernel alone (bf16 activations, fp32 state) under a few launch shapes:
+    (b, block_d, rows, warps) -> us; the first shape is today's."""
+    di, n = mixer.A_log.shape
+    r = mixer.dt_proj.weight.shape[1]
+    out = {}
+    for b in batches:
+        state = torch.randn(b, di, n, device="cuda")
+        x, xz, dt_B_C = (torch.randn(b, width, device="cuda", dtype=torch.bfloat16) for width in (di, 2 * di, r + 2 * n))
+        for block_d, rows, warps in ((16, 1, 4), (32, 1, 4), (16, 4, 4), (16, 8, 4), (32, 4, 4), (32, 8, 4),
+                                     (32, 8, 2), (64, 8, 8)):
+            fn = lambda: ssm_step(state, x, xz, dt_B_C, mixer, block_d, rows, warps)
+            out[b, block_d, rows, warps] = do_bench(fn, return_mode="median") * 1e3
     return out
 
 
@@ -226,7 +242,11 @@ def bench_generate(args):
     if args.sweep:
         print("(e) batch-1 prefill scan, di 5120, n 16, bf16 (l, chunk, block_d, segments: ms):")
         print("    " + "  ".join(f"{k}: {ms:.3f}" for k, ms in scan_sweep().items()))
-        print("(f) kernels by device time, us a run (calls a run):")
+        state_bytes = 2 * 64 * lm.allocate_cache(1).ssm_state[0].nbytes  # one layer's, read and written, at batch 64
+        print(f"(f) decode SSM step alone, one layer, di {lm.cfg.d_inner}, n {lm.cfg.d_state} (batch, channels, rows and "
+              f"warps a program: us; at batch 64 its state at the copy bandwidth: {state_bytes / bw * 1e6:.1f} us):")
+        print("    " + "  ".join(f"{k}: {us:.1f}" for k, us in ssm_step_sweep(lm.backbone.layers[0].mixer).items()))
+        print("(g) kernels by device time, us a run (calls a run):")
         embeds = lm.backbone.embedding(torch.randint(2, 50000, (1, 761), device="cuda"))
         for title, fn, runs in (("decode step, batch 1, graph", decoder.graph.replay, 20),
                                 ("whole prefill, graph", lambda: model.prefill(pixel_values, prompt, cache), 5),
@@ -247,5 +267,6 @@ def add_parser(sub):
     generate.add_argument("--no-transformers", dest="transformers", action="store_false",
                           help="skip the comparison with transformers' MambaForCausalLM")
     generate.add_argument("--sweep", action="store_true",
-                          help="also sweep the batch-1 scan's launch shapes and profile the step and the prefill")
+                          help="also sweep the launch shapes of the batch-1 prefill scan and of the decode SSM step, "
+                               "and profile the step and the prefill")
     generate.set_defaults(run=bench_generate)
