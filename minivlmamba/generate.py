@@ -170,8 +170,9 @@ def _ssm_step_kernel(state_ptr, x_ptr, xz_ptr, dbc_ptr, dtw_ptr, dtb_ptr, A_log_
     if PDL:  # the weights first, then wait for x_proj (and the kernels before it)
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
+    first = tl.program_id(1).to(tl.int64) * ROWS  # our first row of the batch
     for i in tl.static_range(ROWS):
-        row = tl.program_id(1).to(tl.int64) * ROWS + i
+        row = first + i
         mrow = row < B  # the last program's rows may run past the batch
         dbc = dbc_ptr + row * s_dbcb  # this row of x_proj's output: dt (r), B (n), C (n)
         dt = tl.load(dbc + r, mask=mr & mrow, other=0.0).to(tl.float32)  # (RP,)
@@ -182,10 +183,10 @@ def _ssm_step_kernel(state_ptr, x_ptr, xz_ptr, dbc_ptr, dtw_ptr, dtb_ptr, A_log_
         mx = md & mrow
         x = tl.load(x_ptr + row * DI + d, mask=mx, other=0.0).to(tl.float32)  # (BLOCK_D,)
         z = tl.load(xz_ptr + row * s_xzb + DI + d, mask=mx, other=0.0).to(tl.float32)
-        h_ptrs = state_ptr + row * s_hb + d[:, None] * s_hd + n[None, :] * s_hn
-        h = tl.load(h_ptrs, mask=mdn & mrow, other=0.0)  # (BLOCK_D, NP) fp32
+        h_ptrs, mh = state_ptr + row * s_hb + d[:, None] * s_hd + n[None, :] * s_hn, mdn & mrow
+        h = tl.load(h_ptrs, mask=mh, other=0.0)  # (BLOCK_D, NP) fp32
         h = tl.exp(delta[:, None] * A) * h + (delta * x)[:, None] * Bv[None, :]
-        tl.store(h_ptrs, h, mask=mdn & mrow)
+        tl.store(h_ptrs, h, mask=mh)
         y = tl.sum(h * Cv[None, :], axis=1) + skip * x
         y *= z * tl.sigmoid(z)
         tl.store(out_ptr + row * DI + d, y.to(out_ptr.dtype.element_ty), mask=mx)

@@ -242,9 +242,9 @@ def bench_generate(args):
     if args.sweep:
         print("(e) batch-1 prefill scan, di 5120, n 16, bf16 (l, chunk, block_d, segments: ms):")
         print("    " + "  ".join(f"{k}: {ms:.3f}" for k, ms in scan_sweep().items()))
-        state_bytes = 2 * 64 * lm.allocate_cache(1).ssm_state[0].nbytes  # one layer's, read and written, at batch 64
+        layer_bytes = 2 * 64 * state_bytes / lm.cfg.n_layer  # one layer's state at batch 64, read and written
         print(f"(f) decode SSM step alone, one layer, di {lm.cfg.d_inner}, n {lm.cfg.d_state} (batch, channels, rows and "
-              f"warps a program: us; at batch 64 its state at the copy bandwidth: {state_bytes / bw * 1e6:.1f} us):")
+              f"warps a program: us; at batch 64 its state at the copy bandwidth: {layer_bytes / bw * 1e6:.1f} us):")
         print("    " + "  ".join(f"{k}: {us:.1f}" for k, us in ssm_step_sweep(lm.backbone.layers[0].mixer).items()))
         print("(g) kernels by device time, us a run (calls a run):")
         embeds = lm.backbone.embedding(torch.randint(2, 50000, (1, 761), device="cuda"))
